@@ -1,0 +1,74 @@
+"""The one engine configuration object, validated once and passed down."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+
+SUPPORTED_DTYPES = ("float32", "float16", "bfloat16")
+
+# Default share of free memory given to the KV cache when `kv_cache_bytes` is None,
+# measured after the weights are loaded. CUDA: of free device memory. CPU: of the
+# kernel's MemAvailable (the CPU share is lower because the host also runs everything else).
+DEFAULT_KV_CACHE_FRACTION = {"cuda": 0.90, "cpu": 0.20}
+
+
+@dataclass
+class EngineConfig:
+    """Everything the engine needs to know, checked in `__post_init__`.
+
+    model: local checkpoint directory, HF hub id, or `dummy:<preset>`.
+    load_format: "auto" (read weights) or "dummy" (random weights for the checkpoint's config).
+    kv_cache_bytes: KV-cache budget in bytes; None means `kv_cache_fraction` of free memory.
+    max_model_len: context limit; None means the model's own (max_position_embeddings).
+    """
+
+    model: str = "dummy:llama-tiny"
+    dtype: str = "float32"
+    device: str = "cpu"
+    block_size: int = 16
+    kv_cache_bytes: int | None = None
+    kv_cache_fraction: float | None = None
+    max_num_seqs: int = 256
+    max_num_batched_tokens: int = 2048
+    max_model_len: int | None = None
+    load_format: str = "auto"
+    seed: int = 0
+    tokenizer: str | None = None
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.model, str) or not self.model:
+            raise ValueError("model: must be a non-empty string (directory, hub id or dummy:<preset>)")
+        if self.dtype not in SUPPORTED_DTYPES:
+            raise ValueError(f"dtype: {self.dtype!r} is not one of {', '.join(SUPPORTED_DTYPES)}")
+        if self.device_type not in ("cpu", "cuda"):
+            raise ValueError(f"device: {self.device!r} is not 'cpu' or 'cuda[:N]'")
+        _require_positive("block_size", self.block_size)
+        _require_positive("max_num_seqs", self.max_num_seqs)
+        _require_positive("max_num_batched_tokens", self.max_num_batched_tokens)
+        if self.kv_cache_bytes is not None:
+            _require_positive("kv_cache_bytes", self.kv_cache_bytes)
+        if self.kv_cache_fraction is not None and not 0 < self.kv_cache_fraction <= 1:
+            raise ValueError(f"kv_cache_fraction: {self.kv_cache_fraction} is not in (0, 1]")
+        if self.max_model_len is not None:
+            _require_positive("max_model_len", self.max_model_len)
+        if self.load_format not in ("auto", "dummy"):
+            raise ValueError(f"load_format: {self.load_format!r} is not 'auto' or 'dummy'")
+
+    @property
+    def device_type(self) -> str:
+        return str(self.device).split(":", 1)[0]
+
+    @property
+    def effective_kv_cache_fraction(self) -> float:
+        if self.kv_cache_fraction is not None:
+            return self.kv_cache_fraction
+        return DEFAULT_KV_CACHE_FRACTION[self.device_type]
+
+    @classmethod
+    def field_names(cls) -> list[str]:
+        return [f.name for f in fields(cls)]
+
+
+def _require_positive(name: str, value: object) -> None:
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        raise ValueError(f"{name}: must be a positive integer, got {value!r}")

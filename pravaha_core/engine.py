@@ -1,0 +1,234 @@
+"""The engine: requests in, per-step token deltas out, over a paged KV cache."""
+
+from __future__ import annotations
+
+import itertools
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import torch
+
+from .block_manager import BlockManager
+from .config import EngineConfig
+from .loader import load_model
+from .metrics import EngineStats
+from .model_runner import ModelRunner, bytes_per_block
+from .outputs import CompletionOutput, RequestOutput
+from .sampling_params import SamplingParams
+from .scheduler import Scheduler
+from .sequence import Sequence
+from .tokenizer import IncrementalDetokenizer
+
+Prompt = str | list[int]
+
+
+@dataclass
+class _Request:
+    seq: Sequence
+    detok: IncrementalDetokenizer
+    num_reported: int = 0
+
+
+class Engine:
+    """Continuous-batching engine. `generate` / `stream` for offline use; `add_request`,
+    `step`, `abort`, `has_unfinished`, `num_admittable` for a serving loop (don't mix the two
+    on one engine at the same time)."""
+
+    def __init__(self, model: str = "dummy:llama-tiny", dtype: str = "float32", device: str = "cpu",
+                 block_size: int = 16, kv_cache_bytes: int | None = None, max_num_seqs: int = 256,
+                 max_num_batched_tokens: int = 2048, **kwargs):
+        config = kwargs.pop("config", None) or EngineConfig(
+            model=model, dtype=dtype, device=device, block_size=block_size,
+            kv_cache_bytes=kv_cache_bytes, max_num_seqs=max_num_seqs,
+            max_num_batched_tokens=max_num_batched_tokens, **kwargs)
+        self.config = config
+        loaded = load_model(config)
+        self.tokenizer = loaded.tokenizer
+        self.max_model_len = loaded.max_model_len
+        self.vocab_size = loaded.model.vocab_size
+        self.bytes_per_block = bytes_per_block(loaded.model, config.block_size, config.dtype)
+        num_blocks = self._num_blocks(config)
+        self.runner = ModelRunner(loaded, num_blocks, config.block_size, config.dtype,
+                                  config.device, config.seed)
+        self.block_manager = BlockManager(num_blocks, config.block_size)
+        self.scheduler = Scheduler(self.block_manager, config.max_num_seqs,
+                                   config.max_num_batched_tokens, self.max_model_len,
+                                   self.tokenizer.eos_token_ids)
+        self.stats = EngineStats()
+        self._requests: dict[str, _Request] = {}
+        self._reports: list[RequestOutput] = []   # finished outside a step (error at add, abort)
+        self._ids = itertools.count()
+
+    def _num_blocks(self, config: EngineConfig) -> int:
+        budget = config.kv_cache_bytes
+        if budget is None:
+            budget = int(free_memory_bytes(config.device) * config.effective_kv_cache_fraction)
+        num_blocks = budget // self.bytes_per_block
+        if num_blocks < 1:
+            raise ValueError(f"kv_cache_bytes: {budget} bytes is less than one KV block "
+                             f"({self.bytes_per_block} bytes)")
+        return num_blocks
+
+    # ---- serving API -------------------------------------------------------------------
+    def add_request(self, request_id: str, prompt: Prompt, params: SamplingParams | dict | None = None) -> None:
+        """Queue a request. Bad arguments raise ValueError; a request that can never fit is
+        accepted and reported by the next `step()` with finish_reason "error"."""
+        if not isinstance(request_id, str) or not request_id:
+            raise ValueError("request_id: must be a non-empty string")
+        if request_id in self._requests:
+            raise ValueError(f"request_id: {request_id!r} is already in flight")
+        params = _params(params)
+        seq = Sequence(request_id, self._token_ids(prompt), params)
+        self.scheduler.add(seq)
+        req = _Request(seq, IncrementalDetokenizer(self.tokenizer, seq.prompt_token_ids,
+                                                   params.skip_special_tokens))
+        self._requests[request_id] = req
+        if seq.is_finished:
+            self._reports.append(self._report(req))
+
+    def abort(self, request_id: str) -> bool:
+        """Stop a request now and free its blocks; the next `step()` reports it ("abort")."""
+        if self.scheduler.abort(request_id) is None:
+            return False
+        self._reports.append(self._report(self._requests[request_id]))
+        return True
+
+    def step(self) -> list[RequestOutput]:
+        """Run one scheduling step and forward pass; returns each changed request's delta."""
+        started = time.perf_counter()
+        outputs, self._reports = self._reports, []
+        if self.scheduler.has_unfinished():
+            plan = self.scheduler.schedule()
+            assert plan.chunks, "unfinished requests but nothing schedulable"
+            result = self.runner.execute(plan)
+            changed = self.scheduler.update(plan, result)
+            outputs += [self._report(self._requests[s.request_id]) for s in changed]
+            self._count(plan, len(changed))
+        self.stats.step_time_s += time.perf_counter() - started
+        return outputs
+
+    def has_unfinished(self) -> bool:
+        return self.scheduler.has_unfinished() or bool(self._reports)
+
+    def num_admittable(self) -> int:
+        """How many more requests can be added now without overcommitting seats or KV blocks."""
+        return self.scheduler.num_admittable()
+
+    def kv_cache_info(self) -> dict:
+        bm = self.block_manager
+        return {"block_size": bm.block_size, "num_blocks": bm.num_blocks,
+                "bytes_per_block": self.bytes_per_block,
+                "bytes_total": bm.num_blocks * self.bytes_per_block,
+                "blocks_free": bm.num_free_blocks, "blocks_used": bm.num_blocks - bm.num_free_blocks,
+                "dtype": self.config.dtype}
+
+    # ---- offline API -------------------------------------------------------------------
+    def generate(self, prompts: list[Prompt], params: SamplingParams | list[SamplingParams] | None = None,
+                 ) -> list[RequestOutput]:
+        """Run every prompt to completion; results in prompt order, whole completions."""
+        if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)):
+            raise ValueError("prompts: expected a list of prompts (strings or token-id lists)")
+        per_prompt = params if isinstance(params, list) else [params] * len(prompts)
+        if len(per_prompt) != len(prompts):
+            raise ValueError(f"params: {len(per_prompt)} given for {len(prompts)} prompts")
+        self._require_idle()
+        ids = [f"gen-{next(self._ids)}" for _ in prompts]
+        results: dict[str, RequestOutput] = {}
+        for rid, prompt, p in zip(ids, prompts, per_prompt):
+            self.add_request(rid, prompt, p)
+        while self.has_unfinished():
+            for delta in self.step():
+                _accumulate(results, delta)
+        return [results[rid] for rid in ids]
+
+    def stream(self, prompt: Prompt, params: SamplingParams | None = None) -> Iterator[RequestOutput]:
+        """Yield one request's deltas as they are generated; the last has finished=True."""
+        self._require_idle()
+        rid = f"stream-{next(self._ids)}"
+        self.add_request(rid, prompt, params)
+        try:
+            while self.has_unfinished():
+                yield from self.step()
+        finally:
+            self.abort(rid)
+            self._reports.clear()
+
+    # ---- internals ---------------------------------------------------------------------
+    def _require_idle(self) -> None:
+        if self.has_unfinished():
+            raise RuntimeError("generate/stream need an idle engine; requests added with "
+                               "add_request are still in flight")
+
+    def _token_ids(self, prompt: Prompt) -> list[int]:
+        if isinstance(prompt, str):
+            ids = self.tokenizer.encode(prompt)
+        elif isinstance(prompt, (list, tuple)) and all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
+            ids = list(prompt)
+            bad = [t for t in ids if not 0 <= t < self.vocab_size]
+            if bad:
+                raise ValueError(f"prompt: token id {bad[0]} is outside the vocabulary [0, {self.vocab_size})")
+        else:
+            raise ValueError("prompt: must be a string or a list of token ids")
+        if not ids:
+            raise ValueError("prompt: is empty")
+        return ids
+
+    def _report(self, req: _Request) -> RequestOutput:
+        seq = req.seq
+        new_ids = seq.output_token_ids[req.num_reported:]
+        req.num_reported = seq.num_output_tokens
+        text = req.detok.add(new_ids) if new_ids else ""
+        if seq.is_finished:
+            text += req.detok.flush()
+            del self._requests[seq.request_id]
+        completion = CompletionOutput(0, new_ids, text, seq.finish_reason, seq.error)
+        return RequestOutput(seq.request_id, seq.prompt_token_ids, [completion], seq.is_finished)
+
+    def _count(self, plan, num_changed: int) -> None:
+        s = self.stats
+        s.num_steps += 1
+        s.num_prompt_tokens += sum(c.num_tokens for c in plan.chunks if not c.samples or c.num_tokens > 1)
+        s.num_generated_tokens += num_changed
+        s.num_preemptions = self.scheduler.num_preemptions
+
+
+def _params(params: SamplingParams | dict | None) -> SamplingParams:
+    if params is None:
+        return SamplingParams()
+    if isinstance(params, dict):
+        return SamplingParams.from_dict(params)
+    if not isinstance(params, SamplingParams):
+        raise ValueError(f"params: expected SamplingParams or dict, got {type(params).__name__}")
+    return params
+
+
+def _accumulate(results: dict[str, RequestOutput], delta: RequestOutput) -> None:
+    acc = results.get(delta.request_id)
+    if acc is None:
+        results[delta.request_id] = RequestOutput(
+            delta.request_id, delta.prompt_token_ids,
+            [CompletionOutput(0, list(delta.token_ids), delta.text, delta.finish_reason, delta.error)],
+            delta.finished)
+        return
+    out = acc.outputs[0]
+    out.token_ids.extend(delta.token_ids)
+    out.text += delta.text
+    out.finish_reason, out.error = delta.finish_reason, delta.error
+    acc.finished = delta.finished
+
+
+def free_memory_bytes(device: str) -> int:
+    """Free device memory (CUDA) or the kernel's MemAvailable (CPU)."""
+    if device.startswith("cuda"):
+        return torch.cuda.mem_get_info(torch.device(device))[0]
+    try:
+        with open("/proc/meminfo", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    import os
+
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES")

@@ -1,0 +1,150 @@
+"""Llama-family decoder (Llama, Mistral, Qwen2): RMSNorm, rotary, GQA, SwiGLU.
+
+Weights use HF's names but q/k/v and gate/up are fused into one matmul each.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import torch
+from torch import nn
+import torch.nn.functional as F
+
+from .attention import AttentionMetadata, paged_attention
+from .layers import RMSNorm, RotaryEmbedding
+from .weights import load_named_weights
+
+
+def rope_config(cfg: dict) -> dict:
+    """HF's rope settings across config versions (`rope_parameters` in v5, else `rope_scaling`)."""
+    rope = dict(cfg.get("rope_parameters") or cfg.get("rope_scaling") or {})
+    rope.setdefault("rope_theta", cfg.get("rope_theta", 10000.0))
+    return rope
+
+
+def sliding_windows(cfg: dict, num_layers: int) -> list[int | None]:
+    """Per-layer sliding window (None: full attention), following HF's rules per family."""
+    window = cfg.get("sliding_window")
+    layer_types = cfg.get("layer_types")
+    if cfg.get("model_type") == "qwen2":
+        if not cfg.get("use_sliding_window") or window is None:
+            return [None] * num_layers
+        if layer_types is None:
+            start = cfg.get("max_window_layers", num_layers)
+            layer_types = ["sliding_attention" if i >= start else "full_attention" for i in range(num_layers)]
+    if window is None:
+        return [None] * num_layers
+    if layer_types is None:
+        return [window] * num_layers
+    return [window if t == "sliding_attention" else None for t in layer_types]
+
+
+class LlamaAttention(nn.Module):
+    def __init__(self, cfg: dict, head_dim: int, rotary: RotaryEmbedding, window: int | None):
+        super().__init__()
+        hidden = cfg["hidden_size"]
+        self.num_heads = cfg["num_attention_heads"]
+        self.num_kv_heads = cfg.get("num_key_value_heads") or self.num_heads
+        self.head_dim = head_dim
+        qkv_bias = cfg.get("attention_bias", False) or cfg.get("model_type") == "qwen2"
+        o_bias = cfg.get("attention_bias", False) and cfg.get("model_type") != "qwen2"
+        self.q_size = self.num_heads * head_dim
+        self.kv_size = self.num_kv_heads * head_dim
+        self.qkv_proj = nn.Linear(hidden, self.q_size + 2 * self.kv_size, bias=qkv_bias)
+        self.o_proj = nn.Linear(self.q_size, hidden, bias=o_bias)
+        self.rotary = rotary
+        self.window = window
+        self.scale = head_dim ** -0.5
+
+    def forward(self, x, positions, meta: AttentionMetadata, kv_cache):
+        t = x.shape[0]
+        q, k, v = self.qkv_proj(x).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
+        q = q.view(t, self.num_heads, self.head_dim)
+        k = k.view(t, self.num_kv_heads, self.head_dim)
+        v = v.view(t, self.num_kv_heads, self.head_dim)
+        q, k = self.rotary(positions, q, k)
+        o = paged_attention(q, k, v, kv_cache[0], kv_cache[1], meta, self.scale, self.window)
+        return self.o_proj(o.view(t, self.q_size))
+
+
+class LlamaMLP(nn.Module):
+    def __init__(self, cfg: dict):
+        super().__init__()
+        if cfg.get("hidden_act", "silu") != "silu":
+            raise ValueError(f"hidden_act {cfg.get('hidden_act')!r} is not supported (supported: silu)")
+        hidden, inter = cfg["hidden_size"], cfg["intermediate_size"]
+        bias = cfg.get("mlp_bias", False)
+        self.inter = inter
+        self.gate_up_proj = nn.Linear(hidden, 2 * inter, bias=bias)
+        self.down_proj = nn.Linear(inter, hidden, bias=bias)
+
+    def forward(self, x):
+        gate, up = self.gate_up_proj(x).split(self.inter, dim=-1)
+        return self.down_proj(F.silu(gate) * up)
+
+
+class LlamaDecoderLayer(nn.Module):
+    def __init__(self, cfg: dict, head_dim: int, rotary: RotaryEmbedding, window: int | None):
+        super().__init__()
+        eps = cfg.get("rms_norm_eps", 1e-6)
+        self.input_layernorm = RMSNorm(cfg["hidden_size"], eps)
+        self.self_attn = LlamaAttention(cfg, head_dim, rotary, window)
+        self.post_attention_layernorm = RMSNorm(cfg["hidden_size"], eps)
+        self.mlp = LlamaMLP(cfg)
+
+    def forward(self, x, positions, meta, kv_cache):
+        x = x + self.self_attn(self.input_layernorm(x), positions, meta, kv_cache)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class LlamaForCausalLM(nn.Module):
+    """Serves model_type llama, mistral and qwen2."""
+
+    # (our fused parameter, HF's piece, shard index)
+    stacked_params = [("qkv_proj", "q_proj", 0), ("qkv_proj", "k_proj", 1), ("qkv_proj", "v_proj", 2),
+                      ("gate_up_proj", "gate_proj", 0), ("gate_up_proj", "up_proj", 1)]
+
+    def __init__(self, cfg: dict, max_len: int):
+        super().__init__()
+        self.num_layers = cfg["num_hidden_layers"]
+        self.num_heads = cfg["num_attention_heads"]
+        self.num_kv_heads = cfg.get("num_key_value_heads") or self.num_heads
+        self.head_dim = cfg.get("head_dim") or cfg["hidden_size"] // self.num_heads
+        self.vocab_size = cfg["vocab_size"]
+        self.tie_word_embeddings = bool(cfg.get("tie_word_embeddings", False))
+        self.sliding_windows = sliding_windows(cfg, self.num_layers)
+        rotary = RotaryEmbedding(self.head_dim, max_len, rope_config(cfg))
+        self.embed_tokens = nn.Embedding(self.vocab_size, cfg["hidden_size"])
+        self.layers = nn.ModuleList(LlamaDecoderLayer(cfg, self.head_dim, rotary, w)
+                                    for w in self.sliding_windows)
+        self.norm = RMSNorm(cfg["hidden_size"], cfg.get("rms_norm_eps", 1e-6))
+        if not self.tie_word_embeddings:
+            self.lm_head = nn.Linear(cfg["hidden_size"], self.vocab_size, bias=False)
+
+    def forward(self, input_ids, positions, meta: AttentionMetadata, kv_caches) -> torch.Tensor:
+        """input_ids, positions: [T] -> hidden states [T, hidden]."""
+        x = self.embed_tokens(input_ids)
+        for layer, kv_cache in zip(self.layers, kv_caches):
+            x = layer(x, positions, meta, kv_cache)
+        return self.norm(x)
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        weight = self.embed_tokens.weight if self.tie_word_embeddings else self.lm_head.weight
+        return F.linear(hidden, weight)
+
+    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
+        def rename(name: str) -> str | None:
+            if "rotary_emb.inv_freq" in name:
+                return None
+            if name == "lm_head.weight" and self.tie_word_embeddings:
+                return None
+            return name.removeprefix("model.")
+
+        def shard_sizes(name: str) -> list[int]:
+            attn = self.layers[0].self_attn
+            if "qkv_proj" in name:
+                return [attn.q_size, attn.kv_size, attn.kv_size]
+            return [self.layers[0].mlp.inter] * 2
+
+        load_named_weights(self, weights, rename, self.stacked_params, shard_sizes)

@@ -1,0 +1,178 @@
+"""Continuous batching: spend a token budget on running sequences, then on waiting ones.
+
+No torch here. One step's plan (`SchedulerOutput`) goes to the model runner; its result
+(`ModelRunnerOutput`) comes back through `update`.
+"""
+
+from __future__ import annotations
+
+import bisect
+from collections import deque
+from dataclasses import dataclass, field
+
+from .block_manager import BlockManager
+from .sequence import Sequence, SequenceStatus
+
+
+@dataclass
+class ScheduledChunk:
+    """`num_tokens` tokens of `seq`, from position `start`, go through the model this step."""
+
+    seq: Sequence
+    start: int
+    num_tokens: int
+
+    @property
+    def samples(self) -> bool:
+        """True when the chunk reaches the sequence's end, so a next token is sampled."""
+        return self.start + self.num_tokens == self.seq.num_tokens
+
+
+@dataclass
+class SchedulerOutput:
+    chunks: list[ScheduledChunk] = field(default_factory=list)
+    preempted: list[Sequence] = field(default_factory=list)
+
+    @property
+    def num_batched_tokens(self) -> int:
+        return sum(c.num_tokens for c in self.chunks)
+
+
+@dataclass
+class ModelRunnerOutput:
+    sampled_token_ids: dict[str, int]  # request_id -> next token, for chunks that sample
+
+
+class Scheduler:
+    """Owns the waiting queue and the running set; nothing else moves sequences between them.
+
+    Invariants: `running` is sorted by arrival; `waiting` is sorted by arrival (a preempted
+    sequence goes back in its arrival place, ahead of later requests); a sequence holds blocks
+    only while running.
+    """
+
+    def __init__(self, block_manager: BlockManager, max_num_seqs: int,
+                 max_num_batched_tokens: int, max_model_len: int, eos_token_ids: set[int]):
+        self.block_manager = block_manager
+        self.max_num_seqs = max_num_seqs
+        self.max_num_batched_tokens = max_num_batched_tokens
+        self.max_model_len = max_model_len
+        self.eos_token_ids = set(eos_token_ids)
+        self.waiting: deque[Sequence] = deque()
+        self.running: list[Sequence] = []
+        self.num_preemptions = 0
+
+    # ---- admission -------------------------------------------------------------------
+    def add(self, seq: Sequence) -> None:
+        """Queue `seq`, or finish it at once with an error if it can never fit."""
+        problem = self.why_never_fits(seq)
+        if problem:
+            seq.finish("error", problem)
+            return
+        self.waiting.append(seq)
+
+    def why_never_fits(self, seq: Sequence) -> str | None:
+        total = seq.num_prompt_tokens + seq.params.max_tokens
+        if total > self.max_model_len:
+            return (f"prompt ({seq.num_prompt_tokens} tokens) + max_tokens ({seq.params.max_tokens}) "
+                    f"= {total} exceeds the model's context length ({self.max_model_len})")
+        needed = self.block_manager.blocks_for(total)
+        if needed > self.block_manager.num_blocks:
+            return (f"prompt ({seq.num_prompt_tokens} tokens) + max_tokens ({seq.params.max_tokens}) "
+                    f"needs {needed} KV blocks but the whole cache holds {self.block_manager.num_blocks}")
+        return None
+
+    def num_admittable(self) -> int:
+        """How many more requests the engine can take now without overcommitting the cache."""
+        slots = self.max_num_seqs - len(self.running) - len(self.waiting)
+        promised = sum(self.block_manager.blocks_for(s.num_tokens) for s in self.waiting)
+        free = self.block_manager.num_free_blocks - promised
+        return max(0, min(slots, free))
+
+    def abort(self, request_id: str) -> Sequence | None:
+        for queue in (self.waiting, self.running):
+            for seq in queue:
+                if seq.request_id == request_id:
+                    queue.remove(seq)
+                    self.block_manager.free(seq)
+                    seq.finish("abort")
+                    return seq
+        return None
+
+    def has_unfinished(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    # ---- one step --------------------------------------------------------------------
+    def schedule(self) -> SchedulerOutput:
+        out = SchedulerOutput()
+        budget = self.max_num_batched_tokens
+        i = 0
+        while i < len(self.running) and budget > 0:
+            seq = self.running[i]
+            num_tokens = min(seq.num_uncomputed_tokens, budget)
+            if not self._make_room(seq, num_tokens, out.preempted):
+                break  # `seq` itself was preempted; it was the newest, so nothing follows it
+            out.chunks.append(ScheduledChunk(seq, seq.num_computed_tokens, num_tokens))
+            budget -= num_tokens
+            i += 1
+        if not out.preempted:
+            self._admit_waiting(out, budget)
+        return out
+
+    def _make_room(self, seq: Sequence, num_tokens: int, preempted: list[Sequence]) -> bool:
+        """Allocate slots for `seq`, preempting the newest running sequences as needed."""
+        while not self.block_manager.allocate_slots(seq, num_tokens):
+            victim = self.running.pop()
+            self._preempt(victim)
+            preempted.append(victim)
+            if victim is seq:
+                return False
+        return True
+
+    def _admit_waiting(self, out: SchedulerOutput, budget: int) -> None:
+        while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
+            seq = self.waiting[0]
+            num_tokens = min(seq.num_uncomputed_tokens, budget)
+            if not self.block_manager.allocate_slots(seq, num_tokens):
+                break
+            self.waiting.popleft()
+            seq.status = SequenceStatus.RUNNING
+            bisect.insort(self.running, seq, key=lambda s: s.arrival)
+            out.chunks.append(ScheduledChunk(seq, seq.num_computed_tokens, num_tokens))
+            budget -= num_tokens
+
+    def _preempt(self, seq: Sequence) -> None:
+        """Recompute preemption: drop the KV, keep the tokens, requeue in arrival order."""
+        self.block_manager.free(seq)
+        seq.num_computed_tokens = 0
+        seq.status = SequenceStatus.WAITING
+        seq.num_preemptions += 1
+        self.num_preemptions += 1
+        bisect.insort(self.waiting, seq, key=lambda s: s.arrival)
+
+    def update(self, plan: SchedulerOutput, result: ModelRunnerOutput) -> list[Sequence]:
+        """Absorb a step's result; returns the sequences that got a token (finished or not)."""
+        changed = []
+        for chunk in plan.chunks:
+            seq = chunk.seq
+            seq.num_computed_tokens += chunk.num_tokens
+            token = result.sampled_token_ids.get(seq.request_id)
+            if token is None:
+                continue
+            seq.token_ids.append(token)
+            reason = self._stop_reason(seq, token)
+            if reason:
+                seq.finish(reason)
+                self.block_manager.free(seq)
+            changed.append(seq)
+        if any(seq.is_finished for seq in changed):
+            self.running = [s for s in self.running if not s.is_finished]
+        return changed
+
+    def _stop_reason(self, seq: Sequence, token: int) -> str | None:
+        params = seq.params
+        if token in params.stop_token_ids or (not params.ignore_eos and token in self.eos_token_ids):
+            return "stop"
+        if seq.num_output_tokens >= params.max_tokens or seq.num_tokens >= self.max_model_len:
+            return "length"
+        return None

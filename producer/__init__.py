@@ -1,0 +1,1 @@
+"""Pravāha's client SDK and bulk-job tools (coming with issues 4 and 5)."""
