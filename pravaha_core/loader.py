@@ -52,8 +52,8 @@ def load_model(config: EngineConfig) -> LoadedModel:
     else:
         path = resolve_checkpoint(config.model)
         hf_config = read_json(os.path.join(path, "config.json"))
-    max_len = _max_model_len(hf_config, config.max_model_len)
     cls = model_class(hf_config)
+    max_len = _max_model_len(hf_config, config.max_model_len)
     torch.manual_seed(config.seed)
     with torch.device(config.device):
         model = cls(hf_config, max_len)

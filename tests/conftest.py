@@ -1,0 +1,28 @@
+import os
+import sys
+
+import pytest
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+
+from tests.checkpoints import make_checkpoint  # noqa: E402
+
+FAMILIES = ["llama", "mistral", "qwen2", "gpt2"]
+
+
+@pytest.fixture(scope="session")
+def checkpoint(tmp_path_factory):
+    """checkpoint(family, **config_overrides) -> directory of a tiny random HF checkpoint."""
+    made: dict[tuple, str] = {}
+
+    def get(family: str, **overrides) -> str:
+        key = (family, tuple(sorted(overrides.items())))
+        if key not in made:
+            path = tmp_path_factory.mktemp(f"ckpt-{family}")
+            made[key] = make_checkpoint(family, str(path), **overrides)
+        return made[key]
+
+    return get
