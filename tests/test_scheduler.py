@@ -175,6 +175,23 @@ def test_waiting_request_waits_when_running_ones_use_the_budget():
     assert b.block_table == []
 
 
+def test_admission_is_fifo_a_small_request_does_not_overtake_a_blocked_head():
+    sched = make_scheduler(num_blocks=4, block_size=2, max_num_batched_tokens=64)
+    a = make_seq("a", 4, max_tokens=4)            # holds 2 blocks once prefilled
+    big = make_seq("big", 6, max_tokens=2)        # needs 3 blocks: does not fit next to a
+    small = make_seq("small", 1, max_tokens=1)    # would fit, but arrived later
+    sched.add(a)
+    run_step(sched)
+    sched.add(big)
+    sched.add(small)
+    plan, _ = run_step(sched)
+    assert [c.seq for c in plan.chunks] == [a]
+    assert list(sched.waiting) == [big, small]
+    assert big.block_table == [] and small.block_table == []
+    run_to_completion(sched, [a, big, small])
+    assert big.finish_reason == small.finish_reason == "length"
+
+
 def test_max_num_seqs_respected():
     sched = make_scheduler(num_blocks=64, max_num_seqs=2, max_num_batched_tokens=64)
     a = make_seq("a", 3, max_tokens=2)
@@ -585,19 +602,20 @@ def test_chunk_samples_flag_survives_update():
 
 _rid = itertools.count()
 
-add_op = st.tuples(st.just("add"), st.integers(1, 12), st.integers(1, 8),
-                   st.booleans(), st.booleans())
-step_op = st.tuples(st.just("step"), st.lists(st.integers(0, 5), min_size=1, max_size=6))
+request = st.tuples(st.integers(1, 10), st.integers(1, 8), st.booleans(), st.booleans())
+add_op = st.tuples(st.just("add"), st.lists(request, min_size=1, max_size=4))  # a burst
+step_op = st.tuples(st.just("step"), st.lists(st.integers(0, 9), min_size=1, max_size=6))
 abort_op = st.tuples(st.just("abort"), st.integers(0, 30))
-ops_strategy = st.lists(st.one_of(add_op, step_op, step_op, abort_op), max_size=40)
+ops_strategy = st.lists(st.one_of(add_op, add_op, step_op, step_op, step_op, abort_op),
+                        min_size=1, max_size=50)
 config_strategy = st.fixed_dictionaries({
-    "num_blocks": st.integers(1, 10),
+    "num_blocks": st.integers(2, 12),
     "block_size": st.sampled_from([1, 2, 4]),
-    "max_num_seqs": st.integers(1, 4),
+    "max_num_seqs": st.integers(1, 5),
     "max_num_batched_tokens": st.integers(1, 16),
-    "max_model_len": st.integers(4, 24),
+    "max_model_len": st.integers(8, 24),
 })
-STOP_TOKEN = 3           # for requests that ask for it; EOS is 0; 1, 2, 4, 5 are ordinary
+STOP_TOKEN = 3           # for requests that ask for it; EOS is 0; 1, 2, 4..9 are ordinary
 
 
 def _check_invariants(sched: Scheduler, all_seqs: list[Sequence]) -> None:
@@ -657,8 +675,17 @@ def _step_and_check(sched: Scheduler, all_seqs: list[Sequence], tokens: list[int
     changed = sched.update(plan, result)
     assert {id(s) for s in changed} == {id(c.seq) for c in samplers}
     for s in changed:
+        token = result.sampled_token_ids[s.request_id]
+        assert s.token_ids[-1] == token
+        if token in s.params.stop_token_ids or (token == EOS and not s.params.ignore_eos):
+            assert s.finish_reason == "stop"
+        elif s.num_output_tokens == s.params.max_tokens:
+            assert s.finish_reason == "length"
+        else:
+            assert not s.is_finished
         if s.is_finished:
             assert s.block_table == []
+            assert s not in sched.running
     return plan
 
 
@@ -672,16 +699,16 @@ def test_scheduler_invariants_and_liveness(config, ops):
     for op in ops:
         kind = op[0]
         if kind == "add":
-            _, n_prompt, max_tokens, ignore_eos, use_stop = op
-            seq = Sequence(f"q{next(_rid)}", [4] * n_prompt,
-                           SamplingParams(max_tokens=max_tokens, ignore_eos=ignore_eos,
-                                          stop_token_ids=[STOP_TOKEN] if use_stop else []))
-            all_seqs.append(seq)
-            sched.add(seq)
-            if sched.why_never_fits(seq):
-                assert seq.finish_reason == "error"
-            else:
-                assert seq in sched.waiting
+            for n_prompt, max_tokens, ignore_eos, use_stop in op[1]:
+                seq = Sequence(f"q{next(_rid)}", [4] * n_prompt,
+                               SamplingParams(max_tokens=max_tokens, ignore_eos=ignore_eos,
+                                              stop_token_ids=[STOP_TOKEN] if use_stop else []))
+                all_seqs.append(seq)
+                sched.add(seq)
+                if sched.why_never_fits(seq):
+                    assert seq.finish_reason == "error" and seq.error
+                else:
+                    assert seq in sched.waiting
         elif kind == "step":
             if sched.has_unfinished():
                 _step_and_check(sched, all_seqs, op[1])
