@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import itertools
+import random
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -14,20 +15,23 @@ from .config import EngineConfig
 from .loader import load_model
 from .metrics import EngineStats
 from .model_runner import ModelRunner, bytes_per_block
+from .output_processor import CompletionStream
 from .outputs import CompletionOutput, RequestOutput
 from .sampling_params import SamplingParams
-from .scheduler import Scheduler
+from .scheduler import ModelRunnerOutput, Scheduler, SchedulerOutput
 from .sequence import Sequence
-from .tokenizer import IncrementalDetokenizer
 
 Prompt = str | list[int]
 
 
 @dataclass
 class _Request:
-    seq: Sequence
-    detok: IncrementalDetokenizer
-    num_reported: int = 0
+    prompt_token_ids: list[int]
+    streams: dict[int, CompletionStream] = field(default_factory=dict)  # sample index -> stream
+
+    @property
+    def finished(self) -> bool:
+        return all(s.seq.is_finished for s in self.streams.values())
 
 
 class Engine:
@@ -49,16 +53,16 @@ class Engine:
         self.vocab_size = loaded.model.vocab_size
         self.bytes_per_block = bytes_per_block(loaded.model, config.block_size, config.dtype)
         num_blocks = self._num_blocks(config)
-        self.runner = ModelRunner(loaded, num_blocks, config.block_size, config.dtype,
-                                  config.device, config.seed)
+        eos = self.tokenizer.eos_token_ids
+        self.runner = ModelRunner(loaded, num_blocks, config.block_size, config.dtype, config.device, eos)
         self.block_manager = BlockManager(num_blocks, config.block_size)
         self.scheduler = Scheduler(self.block_manager, config.max_num_seqs,
-                                   config.max_num_batched_tokens, self.max_model_len,
-                                   self.tokenizer.eos_token_ids)
+                                   config.max_num_batched_tokens, self.max_model_len, eos)
         self.stats = EngineStats()
         self._requests: dict[str, _Request] = {}
         self._reports: list[RequestOutput] = []   # finished outside a step (error at add, abort)
         self._ids = itertools.count()
+        self._seeds = random.Random(config.seed)   # seeds for requests that give none
 
     def _num_blocks(self, config: EngineConfig) -> int:
         budget = config.kv_cache_bytes
@@ -79,19 +83,22 @@ class Engine:
         if request_id in self._requests:
             raise ValueError(f"request_id: {request_id!r} is already in flight")
         params = _params(params)
-        seq = Sequence(request_id, self._token_ids(prompt), params)
+        seed = params.seed if params.seed is not None else self._seeds.getrandbits(64)
+        seq = Sequence(request_id, self._token_ids(prompt), params, seed=seed)
         self.scheduler.add(seq)
-        req = _Request(seq, IncrementalDetokenizer(self.tokenizer, seq.prompt_token_ids,
-                                                   params.skip_special_tokens))
+        req = _Request(seq.prompt_token_ids)
+        for s in [seq] + seq.pending_forks:
+            req.streams[s.index] = CompletionStream(s, self.tokenizer)
         self._requests[request_id] = req
         if seq.is_finished:
-            self._reports.append(self._report(req))
+            self._reports.append(self._report(request_id, [seq]))
 
     def abort(self, request_id: str) -> bool:
         """Stop a request now and free its blocks; the next `step()` reports it ("abort")."""
-        if self.scheduler.abort(request_id) is None:
+        seqs = self.scheduler.abort(request_id)
+        if not seqs:
             return False
-        self._reports.append(self._report(self._requests[request_id]))
+        self._reports.append(self._report(request_id, seqs))
         return True
 
     def step(self) -> list[RequestOutput]:
@@ -103,7 +110,7 @@ class Engine:
             assert plan.chunks, "unfinished requests but nothing schedulable"
             result = self.runner.execute(plan)
             changed = self.scheduler.update(plan, result)
-            outputs += [self._report(self._requests[s.request_id]) for s in changed]
+            outputs += self._absorb(changed, result)
             self._count(plan, len(changed))
         self.stats.step_time_s += time.perf_counter() - started
         return outputs
@@ -140,6 +147,8 @@ class Engine:
         while self.has_unfinished():
             for delta in self.step():
                 _accumulate(results, delta)
+        for out in results.values():
+            out.outputs.sort(key=lambda c: c.index)
         return [results[rid] for rid in ids]
 
     def stream(self, prompt: Prompt, params: SamplingParams | None = None) -> Iterator[RequestOutput]:
@@ -155,6 +164,31 @@ class Engine:
             self._reports.clear()
 
     # ---- internals ---------------------------------------------------------------------
+    def _absorb(self, changed: list[Sequence], result: ModelRunnerOutput) -> list[RequestOutput]:
+        """Detokenize the step's new tokens, apply stop strings, and build the deltas."""
+        by_request: dict[str, list[Sequence]] = {}
+        for seq in changed:
+            stream = self._requests[seq.request_id].streams[seq.index]
+            if seq.seq_id in result.logprobs:
+                stream.pending_logprobs.append(result.logprobs[seq.seq_id])
+            if stream.absorb():
+                self.scheduler.finish(seq, "stop")
+            by_request.setdefault(seq.request_id, []).append(seq)
+        return [self._report(rid, seqs) for rid, seqs in by_request.items()]
+
+    def _report(self, request_id: str, seqs: list[Sequence]) -> RequestOutput:
+        req = self._requests[request_id]
+        completions = []
+        for seq in sorted(seqs, key=lambda s: s.index):
+            stream = req.streams[seq.index]
+            if seq.is_finished:
+                stream.absorb()   # flush text held back by the detokenizer
+            completions.append(stream.delta())
+        finished = req.finished
+        if finished:
+            del self._requests[request_id]
+        return RequestOutput(request_id, req.prompt_token_ids, completions, finished)
+
     def _require_idle(self) -> None:
         if self.has_unfinished():
             raise RuntimeError("generate/stream need an idle engine; requests added with "
@@ -174,22 +208,13 @@ class Engine:
             raise ValueError("prompt: is empty")
         return ids
 
-    def _report(self, req: _Request) -> RequestOutput:
-        seq = req.seq
-        new_ids = seq.output_token_ids[req.num_reported:]
-        req.num_reported = seq.num_output_tokens
-        text = req.detok.add(new_ids) if new_ids else ""
-        if seq.is_finished:
-            text += req.detok.flush()
-            del self._requests[seq.request_id]
-        completion = CompletionOutput(0, new_ids, text, seq.finish_reason, seq.error)
-        return RequestOutput(seq.request_id, seq.prompt_token_ids, [completion], seq.is_finished)
-
-    def _count(self, plan, num_changed: int) -> None:
+    def _count(self, plan: SchedulerOutput, num_sampled: int) -> None:
         s = self.stats
         s.num_steps += 1
-        s.num_prompt_tokens += sum(c.num_tokens for c in plan.chunks if not c.samples or c.num_tokens > 1)
-        s.num_generated_tokens += num_changed
+        for c in plan.chunks:
+            p = c.seq.num_prompt_tokens
+            s.num_prompt_tokens += max(0, min(c.start + c.num_tokens, p) - c.start)
+        s.num_generated_tokens += num_sampled
         s.num_preemptions = self.scheduler.num_preemptions
 
 
@@ -204,17 +229,18 @@ def _params(params: SamplingParams | dict | None) -> SamplingParams:
 
 
 def _accumulate(results: dict[str, RequestOutput], delta: RequestOutput) -> None:
-    acc = results.get(delta.request_id)
-    if acc is None:
-        results[delta.request_id] = RequestOutput(
-            delta.request_id, delta.prompt_token_ids,
-            [CompletionOutput(0, list(delta.token_ids), delta.text, delta.finish_reason, delta.error)],
-            delta.finished)
-        return
-    out = acc.outputs[0]
-    out.token_ids.extend(delta.token_ids)
-    out.text += delta.text
-    out.finish_reason, out.error = delta.finish_reason, delta.error
+    acc = results.setdefault(delta.request_id, RequestOutput(delta.request_id, delta.prompt_token_ids, []))
+    have = {c.index: c for c in acc.outputs}
+    for part in delta.outputs:
+        out = have.get(part.index)
+        if out is None:
+            out = CompletionOutput(part.index, logprobs=[] if part.logprobs is not None else None)
+            acc.outputs.append(out)
+        out.token_ids.extend(part.token_ids)
+        out.text += part.text
+        if part.logprobs is not None:
+            out.logprobs.extend(part.logprobs)
+        out.finish_reason, out.error = part.finish_reason, part.error
     acc.finished = delta.finished
 
 

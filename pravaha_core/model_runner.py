@@ -6,8 +6,9 @@ import torch
 
 from .loader import DTYPES, LoadedModel
 from .models.attention import AttentionGroup, AttentionMetadata, build_mask
-from .sampler import Sampler
+from .sampler import PenaltyInputs, SamplingBatch, sample
 from .scheduler import ModelRunnerOutput, ScheduledChunk, SchedulerOutput
+from .sequence import Sequence
 
 
 def bytes_per_block(model, block_size: int, dtype: str) -> int:
@@ -18,7 +19,7 @@ def bytes_per_block(model, block_size: int, dtype: str) -> int:
 
 class ModelRunner:
     def __init__(self, loaded: LoadedModel, num_blocks: int, block_size: int,
-                 dtype: str, device: str, seed: int):
+                 dtype: str, device: str, eos_token_ids: set[int]):
         self.model = loaded.model
         self.block_size = block_size
         self.device = torch.device(device)
@@ -29,20 +30,58 @@ class ModelRunner:
         self.kv_caches = [(self.kv_cache[0, i], self.kv_cache[1, i]) for i in range(m.num_layers)]
         self.windows = set(m.sliding_windows)
         self.gqa_group = m.num_heads // m.num_kv_heads
-        self.sampler = Sampler(device, seed)
+        self.eos_token_ids = sorted(eos_token_ids)
 
     @torch.inference_mode()
     def execute(self, plan: SchedulerOutput) -> ModelRunnerOutput:
         chunks = sorted(plan.chunks, key=lambda c: c.num_tokens > 1)  # decode group first (stable)
         input_ids, positions, meta, last_index = self._prepare(chunks)
         hidden = self.model(input_ids, positions, meta, self.kv_caches)
-        sampling = [c for c in chunks if c.samples]
+        sampling = [c.seq for c in chunks if c.samples]
         if not sampling:
             return ModelRunnerOutput({})
         rows = torch.tensor([last_index[i] for i, c in enumerate(chunks) if c.samples], device=self.device)
-        logits = self.model.compute_logits(hidden[rows])
-        tokens = self.sampler(logits, [c.seq.params for c in sampling]).tolist()
-        return ModelRunnerOutput({c.seq.request_id: t for c, t in zip(sampling, tokens)})
+        logits = self.model.compute_logits(hidden[rows])                       # [N, V]
+        out = sample(logits, self._sampling_batch(sampling, logits.shape[-1]))
+        logprobs = {}
+        if out.logprobs is not None:
+            for seq, token, entry in zip(sampling, out.token_ids, out.logprobs):
+                if seq.params.logprobs is not None:
+                    logprobs[seq.seq_id] = _top(entry, seq.params.logprobs, token)
+        return ModelRunnerOutput({s.seq_id: t for s, t in zip(sampling, out.token_ids)}, logprobs)
+
+    def _sampling_batch(self, seqs: list[Sequence], vocab: int) -> SamplingBatch:
+        """Per-row tensors for the sampler; the penalty inputs only when some row asks."""
+        dev = self.device
+        params = [s.params for s in seqs]
+        asked = [p.logprobs for p in params if p.logprobs is not None]
+        suppress = [(row, tok) for row, s in enumerate(seqs) if s.num_output_tokens < s.params.min_tokens
+                    for tok in _stop_ids(s.params, self.eos_token_ids) if tok < vocab]
+        return SamplingBatch(
+            temperature=torch.tensor([p.temperature for p in params], device=dev),
+            top_k=torch.tensor([p.top_k if p.top_k > 0 else vocab for p in params], device=dev),
+            top_p=torch.tensor([p.top_p for p in params], device=dev),
+            min_p=torch.tensor([p.min_p for p in params], device=dev),
+            seed_keys=torch.tensor([s.seed_key for s in seqs], device=dev),
+            positions=torch.tensor([s.num_output_tokens for s in seqs], device=dev),
+            all_greedy=all(p.greedy for p in params),
+            needs_truncation=any(p.truncates and not p.greedy for p in params),
+            penalties=self._penalties(seqs, vocab) if any(p.penalizes for p in params) else None,
+            suppress=torch.tensor(suppress, device=dev) if suppress else None,
+            max_logprobs=max(asked) if asked else None)
+
+    def _penalties(self, seqs: list[Sequence], vocab: int) -> PenaltyInputs:
+        def padded(lists: list[list[int]]) -> torch.Tensor:
+            width = max(1, max(map(len, lists)))
+            return torch.tensor([ids + [vocab] * (width - len(ids)) for ids in lists], device=self.device)
+
+        params = [s.params for s in seqs]
+        return PenaltyInputs(
+            repetition=torch.tensor([p.repetition_penalty for p in params], device=self.device),
+            presence=torch.tensor([p.presence_penalty for p in params], device=self.device),
+            frequency=torch.tensor([p.frequency_penalty for p in params], device=self.device),
+            prompt_ids=padded([s.prompt_token_ids for s in seqs]),
+            output_ids=padded([s.output_token_ids for s in seqs]))
 
     def _prepare(self, chunks: list[ScheduledChunk]):
         dev, bs = self.device, self.block_size
@@ -81,3 +120,16 @@ class ModelRunner:
         masks = {w: build_mask(q_pos, num_keys, w, self.gqa_group).to(dev) for w in self.windows}
         return AttentionGroup(q_index.to(dev), None if q_valid is None else q_valid.to(dev),
                               tables[:, :width].contiguous().to(dev), masks)
+
+
+def _stop_ids(params, eos_token_ids: list[int]) -> list[int]:
+    """Tokens that would end generation: suppressed while min_tokens is not reached."""
+    return params.stop_token_ids + ([] if params.ignore_eos else eos_token_ids)
+
+
+def _top(entry: dict[int, float], k: int, token: int) -> dict[int, float]:
+    """The first k alternatives (entry is ordered best first) plus the sampled token."""
+    items = list(entry.items())
+    top = dict(items[:k])
+    top[token] = entry[token]
+    return top

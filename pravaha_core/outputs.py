@@ -1,9 +1,15 @@
 """What the engine returns: one RequestOutput per request, one CompletionOutput per sample.
 
-Shape: `RequestOutput.outputs` is a list of CompletionOutput (one entry today; n > 1 will add
-more). `token_ids`, `text`, `finish_reason` and `error` on RequestOutput read outputs[0].
-From `step()` and `stream()` they hold what is new since the last report (deltas); from
-`generate()` they hold the whole completion.
+Shape: `RequestOutput.outputs` is a list of CompletionOutput, one per sample of the request
+(`SamplingParams.n`), each with its `index`. From `generate()` it holds all n whole
+completions in index order. From `step()` and `stream()` each RequestOutput is a delta: it
+lists only the completions that changed in that step, each with what is new since the last
+report, and `finished` is True once every sample has finished. `token_ids`, `text`,
+`finish_reason`, `error` and `logprobs` on RequestOutput read outputs[0].
+
+`logprobs` (when SamplingParams.logprobs = k): one dict per generated token mapping token id
+to log-probability under the model's raw distribution: the top-k alternatives (best first)
+plus the sampled token.
 """
 
 from __future__ import annotations
@@ -18,6 +24,7 @@ class CompletionOutput:
     text: str = ""
     finish_reason: str | None = None   # "stop" | "length" | "abort" | "error"
     error: str | None = None
+    logprobs: list[dict[int, float]] | None = None
 
 
 @dataclass
@@ -42,6 +49,10 @@ class RequestOutput:
     @property
     def error(self) -> str | None:
         return self.outputs[0].error
+
+    @property
+    def logprobs(self) -> list[dict[int, float]] | None:
+        return self.outputs[0].logprobs
 
     @property
     def num_prompt_tokens(self) -> int:

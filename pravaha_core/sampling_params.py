@@ -1,49 +1,90 @@
-"""SamplingParams: vLLM's names and defaults for the fields the engine implements."""
+"""SamplingParams: vLLM's field names and defaults, validated on construction."""
 
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
+MAX_LOGPROBS = 20   # as vLLM's default max_logprobs
+
 
 @dataclass
 class SamplingParams:
     """How to sample one request.
 
-    temperature: 0 means greedy; top_k: 0 or -1 means off; top_p in (0, 1].
-    stop_token_ids: extra token ids that end generation (kept in the output, like EOS).
-    ignore_eos: keep generating past the model's EOS token.
+    n: completions per prompt (they share the prompt's KV blocks).
+    temperature: 0 means greedy. top_k: 0 or -1 means off. top_p in (0, 1]. min_p in [0, 1].
+    repetition_penalty (> 0, 1 = off) applies to prompt and output tokens;
+    presence_penalty and frequency_penalty (in [-2, 2]) to output tokens.
+    seed: makes the request's samples reproducible, alone or in any batch.
+    stop: strings that end generation (excluded from the text unless
+    include_stop_str_in_output); stop_token_ids: token ids that do (kept in token_ids).
+    min_tokens: EOS, stop tokens and stop strings are ignored until this many tokens exist.
+    logprobs: k -> per generated token, the sampled token's logprob and the top-k alternatives.
     """
 
+    n: int = 1
     max_tokens: int = 16
+    min_tokens: int = 0
     temperature: float = 1.0
     top_k: int = 0
     top_p: float = 1.0
+    min_p: float = 0.0
+    repetition_penalty: float = 1.0
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    seed: int | None = None
+    stop: list[str] = field(default_factory=list)
     stop_token_ids: list[int] = field(default_factory=list)
     ignore_eos: bool = False
+    include_stop_str_in_output: bool = False
+    logprobs: int | None = None
     skip_special_tokens: bool = True
 
     def __post_init__(self) -> None:
+        _check_int("n", self.n, minimum=1)
         _check_int("max_tokens", self.max_tokens, minimum=1)
-        _check_number("temperature", self.temperature)
-        if self.temperature < 0:
-            raise ValueError(f"temperature: must be >= 0, got {self.temperature}")
+        _check_int("min_tokens", self.min_tokens, minimum=0)
+        if self.min_tokens > self.max_tokens:
+            raise ValueError(f"min_tokens: {self.min_tokens} exceeds max_tokens ({self.max_tokens})")
+        _check_range("temperature", self.temperature, 0, None)
         _check_int("top_k", self.top_k, minimum=-1)
-        _check_number("top_p", self.top_p)
-        if not 0 < self.top_p <= 1:
-            raise ValueError(f"top_p: must be in (0, 1], got {self.top_p}")
+        _check_range("top_p", self.top_p, 0, 1, open_low=True)
+        _check_range("min_p", self.min_p, 0, 1)
+        _check_range("repetition_penalty", self.repetition_penalty, 0, None, open_low=True)
+        _check_range("presence_penalty", self.presence_penalty, -2, 2)
+        _check_range("frequency_penalty", self.frequency_penalty, -2, 2)
+        if self.seed is not None:
+            _check_int("seed", self.seed, minimum=-(1 << 63))
+        if isinstance(self.stop, str):
+            self.stop = [self.stop]
+        if not isinstance(self.stop, (list, tuple)) or not all(isinstance(s, str) and s for s in self.stop):
+            raise ValueError(f"stop: must be a string or a list of non-empty strings, got {self.stop!r}")
+        self.stop = list(self.stop)
         if not isinstance(self.stop_token_ids, (list, tuple)):
             raise ValueError(f"stop_token_ids: must be a list of ints, got {self.stop_token_ids!r}")
         self.stop_token_ids = list(self.stop_token_ids)
         for tok in self.stop_token_ids:
             _check_int("stop_token_ids", tok, minimum=0)
-        for name in ("ignore_eos", "skip_special_tokens"):
+        if self.logprobs is not None:
+            _check_int("logprobs", self.logprobs, minimum=0)
+            if self.logprobs > MAX_LOGPROBS:
+                raise ValueError(f"logprobs: at most {MAX_LOGPROBS}, got {self.logprobs}")
+        for name in ("ignore_eos", "include_stop_str_in_output", "skip_special_tokens"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name}: must be a bool, got {getattr(self, name)!r}")
 
     @property
     def greedy(self) -> bool:
-        return self.temperature == 0 or self.top_k == 1
+        return self.temperature == 0
+
+    @property
+    def truncates(self) -> bool:
+        return self.top_k > 0 or self.top_p < 1 or self.min_p > 0
+
+    @property
+    def penalizes(self) -> bool:
+        return self.repetition_penalty != 1 or self.presence_penalty != 0 or self.frequency_penalty != 0
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> SamplingParams:
@@ -67,6 +108,9 @@ def _check_int(name: str, value: object, minimum: int) -> None:
         raise ValueError(f"{name}: must be >= {minimum}, got {value}")
 
 
-def _check_number(name: str, value: object) -> None:
+def _check_range(name: str, value: object, low: float, high: float | None, open_low: bool = False) -> None:
     if not isinstance(value, (int, float)) or isinstance(value, bool) or value != value:
         raise ValueError(f"{name}: must be a number, got {value!r}")
+    if value < low or (open_low and value == low) or (high is not None and value > high):
+        bounds = f"{'(' if open_low else '['}{low}, {high if high is not None else 'inf'}]"
+        raise ValueError(f"{name}: must be in {bounds}, got {value}")

@@ -16,16 +16,16 @@ from .sequence import Sequence, SequenceStatus
 
 @dataclass
 class ScheduledChunk:
-    """`num_tokens` tokens of `seq`, from position `start`, go through the model this step."""
+    """`num_tokens` tokens of `seq`, from position `start`, go through the model this step.
+    `samples`: the chunk reaches the sequence's end, so a next token is sampled."""
 
     seq: Sequence
     start: int
     num_tokens: int
+    samples: bool = field(init=False)
 
-    @property
-    def samples(self) -> bool:
-        """True when the chunk reaches the sequence's end, so a next token is sampled."""
-        return self.start + self.num_tokens == self.seq.num_tokens
+    def __post_init__(self) -> None:
+        self.samples = self.start + self.num_tokens == self.seq.num_tokens
 
 
 @dataclass
@@ -40,15 +40,16 @@ class SchedulerOutput:
 
 @dataclass
 class ModelRunnerOutput:
-    sampled_token_ids: dict[str, int]  # request_id -> next token, for chunks that sample
+    sampled_token_ids: dict[int, int]  # seq_id -> next token, for chunks that sample
+    logprobs: dict[int, dict[int, float]] = field(default_factory=dict)  # seq_id -> {token: logprob}
 
 
 class Scheduler:
     """Owns the waiting queue and the running set; nothing else moves sequences between them.
 
-    Invariants: `running` is sorted by arrival; `waiting` is sorted by arrival (a preempted
-    sequence goes back in its arrival place, ahead of later requests); a sequence holds blocks
-    only while running.
+    Invariants: `running` and `waiting` are sorted by arrival (a preempted sequence goes back
+    in its arrival place, ahead of later requests); a sequence holds blocks only while
+    running; a request of n samples takes n seats from admission on.
     """
 
     def __init__(self, block_manager: BlockManager, max_num_seqs: int,
@@ -69,6 +70,8 @@ class Scheduler:
         if problem:
             seq.finish("error", problem)
             return
+        if seq.params.n > 1:
+            seq.make_forks(self.block_manager.block_size)
         self.waiting.append(seq)
 
     def why_never_fits(self, seq: Sequence) -> str | None:
@@ -76,7 +79,7 @@ class Scheduler:
         if total > self.max_model_len:
             return (f"prompt ({seq.num_prompt_tokens} tokens) + max_tokens ({seq.params.max_tokens}) "
                     f"= {total} exceeds the model's context length ({self.max_model_len})")
-        needed = self.block_manager.blocks_for(total)
+        needed = self.block_manager.blocks_for(total - 1)  # the last token is never computed
         if needed > self.block_manager.num_blocks:
             return (f"prompt ({seq.num_prompt_tokens} tokens) + max_tokens ({seq.params.max_tokens}) "
                     f"needs {needed} KV blocks but the whole cache holds {self.block_manager.num_blocks}")
@@ -84,20 +87,30 @@ class Scheduler:
 
     def num_admittable(self) -> int:
         """How many more requests the engine can take now without overcommitting the cache."""
-        slots = self.max_num_seqs - len(self.running) - len(self.waiting)
+        slots = self.max_num_seqs - len(self.running) - sum(map(_seats, self.waiting))
         promised = sum(self.block_manager.blocks_for(s.num_tokens) for s in self.waiting)
         free = self.block_manager.num_free_blocks - promised
         return max(0, min(slots, free))
 
-    def abort(self, request_id: str) -> Sequence | None:
+    def abort(self, request_id: str) -> list[Sequence]:
+        """Finish every sample of `request_id` with "abort" and free their blocks."""
+        aborted = []
         for queue in (self.waiting, self.running):
-            for seq in queue:
-                if seq.request_id == request_id:
-                    queue.remove(seq)
-                    self.block_manager.free(seq)
-                    seq.finish("abort")
-                    return seq
-        return None
+            for seq in [s for s in queue if s.request_id == request_id]:
+                queue.remove(seq)
+                self.block_manager.free(seq)
+                aborted += [seq] + seq.pending_forks
+                seq.pending_forks = []
+        for seq in aborted:
+            seq.finish("abort")
+        return aborted
+
+    def finish(self, seq: Sequence, reason: str) -> None:
+        """End `seq` for a reason found outside the scheduler (a stop string)."""
+        if not seq.is_finished:
+            self.block_manager.free(seq)
+            self.running.remove(seq)
+        seq.finish(reason)
 
     def has_unfinished(self) -> bool:
         return bool(self.waiting or self.running)
@@ -130,16 +143,32 @@ class Scheduler:
         return True
 
     def _admit_waiting(self, out: SchedulerOutput, budget: int) -> None:
-        while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
+        while self.waiting and budget > 0:
             seq = self.waiting[0]
+            if len(self.running) + _seats(seq) > self.max_num_seqs:
+                break
             num_tokens = min(seq.num_uncomputed_tokens, budget)
             if not self.block_manager.allocate_slots(seq, num_tokens):
                 break
             self.waiting.popleft()
-            seq.status = SequenceStatus.RUNNING
-            bisect.insort(self.running, seq, key=lambda s: s.arrival)
+            self._run(seq)
             out.chunks.append(ScheduledChunk(seq, seq.num_computed_tokens, num_tokens))
             budget -= num_tokens
+            if seq.pending_forks and seq.fork_at == 0:
+                self._fork(seq)
+
+    def _run(self, seq: Sequence) -> None:
+        seq.status = SequenceStatus.RUNNING
+        bisect.insort(self.running, seq, key=_order)
+
+    def _fork(self, seq: Sequence) -> None:
+        """Start the request's other samples on `seq`'s first full blocks (shared)."""
+        shared = seq.block_table[: seq.fork_at // self.block_manager.block_size]
+        for child in seq.pending_forks:
+            child.block_table = [self.block_manager.allocator.fork(b) for b in shared]
+            child.num_computed_tokens = seq.fork_at
+            self._run(child)
+        seq.pending_forks = []
 
     def _preempt(self, seq: Sequence) -> None:
         """Recompute preemption: drop the KV, keep the tokens, requeue in arrival order."""
@@ -148,7 +177,7 @@ class Scheduler:
         seq.status = SequenceStatus.WAITING
         seq.num_preemptions += 1
         self.num_preemptions += 1
-        bisect.insort(self.waiting, seq, key=lambda s: s.arrival)
+        bisect.insort(self.waiting, seq, key=_order)
 
     def update(self, plan: SchedulerOutput, result: ModelRunnerOutput) -> list[Sequence]:
         """Absorb a step's result; returns the sequences that got a token (finished or not)."""
@@ -156,7 +185,9 @@ class Scheduler:
         for chunk in plan.chunks:
             seq = chunk.seq
             seq.num_computed_tokens += chunk.num_tokens
-            token = result.sampled_token_ids.get(seq.request_id)
+            if seq.pending_forks and seq.num_computed_tokens >= seq.fork_at:
+                self._fork(seq)
+            token = result.sampled_token_ids.get(seq.seq_id)
             if token is None:
                 continue
             seq.token_ids.append(token)
@@ -176,3 +207,11 @@ class Scheduler:
         if seq.num_output_tokens >= params.max_tokens or seq.num_tokens >= self.max_model_len:
             return "length"
         return None
+
+
+def _order(seq: Sequence) -> tuple[int, int]:
+    return seq.order
+
+
+def _seats(seq: Sequence) -> int:
+    return 1 + len(seq.pending_forks)

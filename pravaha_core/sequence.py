@@ -8,6 +8,7 @@ import itertools
 from .sampling_params import SamplingParams
 
 _arrival_counter = itertools.count()
+_seq_ids = itertools.count()
 
 
 class SequenceStatus(enum.Enum):
@@ -16,17 +17,36 @@ class SequenceStatus(enum.Enum):
     FINISHED = "finished"
 
 
+M64 = (1 << 64) - 1
+
+
+def seed_key(seed: int, index: int) -> int:
+    """A 32-bit key for the sampler's counter hash, from a request seed and a sample index."""
+    x = (seed + 0x9E3779B97F4A7C15 * (index + 1)) & M64   # splitmix64
+    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & M64
+    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & M64
+    return (x ^ (x >> 31)) & 0xFFFFFFFF
+
+
 class Sequence:
-    """One generation stream. `token_ids` holds the prompt followed by the output.
+    """One generation stream (sample `index` of its request). `token_ids` holds the prompt
+    followed by the output.
 
     Invariant: `num_computed_tokens` tokens have their K/V in the blocks of `block_table`;
     the rest (at least one while unfinished) still have to go through the model.
+    `pending_forks` are the request's other samples: they are created with it and take over
+    its first `fork_at // block_size` blocks (shared, ref-counted) once those are computed.
     """
 
-    def __init__(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams):
+    def __init__(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
+                 seed: int = 0, index: int = 0):
         assert prompt_token_ids, "a sequence needs at least one prompt token"
         self.request_id = request_id
+        self.index = index
         self.params = params
+        self.seed = seed
+        self.seed_key = seed_key(seed, index)
+        self.seq_id = next(_seq_ids)
         self.token_ids: list[int] = list(prompt_token_ids)
         self.num_prompt_tokens = len(prompt_token_ids)
         self.block_table: list[int] = []
@@ -36,6 +56,21 @@ class Sequence:
         self.finish_reason: str | None = None
         self.error: str | None = None
         self.num_preemptions = 0
+        self.fork_at = 0
+        self.pending_forks: list[Sequence] = []
+
+    def make_forks(self, block_size: int) -> None:
+        """Create the request's samples 1..n-1, to share this one's full prompt blocks."""
+        self.fork_at = (self.num_prompt_tokens - 1) // block_size * block_size
+        self.pending_forks = [Sequence(self.request_id, self.prompt_token_ids, self.params,
+                                       self.seed, i) for i in range(1, self.params.n)]
+        for child in self.pending_forks:
+            child.arrival = self.arrival
+
+    @property
+    def order(self) -> tuple[int, int]:
+        """Queue order: arrival, then sample index."""
+        return (self.arrival, self.index)
 
     @property
     def num_tokens(self) -> int:
@@ -67,5 +102,5 @@ class Sequence:
         self.error = error
 
     def __repr__(self) -> str:
-        return (f"Sequence({self.request_id!r}, {self.status.value}, tokens={self.num_tokens}, "
+        return (f"Sequence({self.request_id!r}#{self.index}, {self.status.value}, tokens={self.num_tokens}, "
                 f"computed={self.num_computed_tokens}, blocks={self.block_table})")

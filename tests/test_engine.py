@@ -162,7 +162,7 @@ def test_default_kv_budget_is_a_fraction_of_free_memory(monkeypatch):
 @pytest.mark.parametrize("preset", ["gpt2-tiny", "llama-tiny"])
 def test_dummy_presets_generate(preset):
     engine = Engine(f"dummy:{preset}", kv_cache_bytes=1 << 20)
-    out = engine.generate(["hello", "प्रवाह"], SamplingParams(max_tokens=5, temperature=0.7))
+    out = engine.generate(["hello", "प्रवाह"], SamplingParams(max_tokens=5, temperature=0.7, ignore_eos=True))
     assert all(len(o.token_ids) == 5 and all(0 <= t < engine.vocab_size for t in o.token_ids) for o in out)
 
 
