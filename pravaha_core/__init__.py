@@ -1,9 +1,20 @@
-"""Pravāha's inference engine: paged KV cache, continuous batching, our own model code."""
+"""Pravāha's inference engine: paged KV cache, continuous batching, our own model code.
 
-from .config import EngineConfig
-from .engine import Engine
-from .outputs import CompletionOutput, RequestOutput
-from .sampling_params import SamplingParams
+Exports resolve lazily, so `pravaha_core.sampling_params` (used by the client SDK) can be
+imported without loading torch.
+"""
 
-__all__ = ["CompletionOutput", "Engine", "EngineConfig", "RequestOutput", "SamplingParams"]
+from importlib import import_module
+
+_EXPORTS = {
+    "Engine": ".engine", "EngineConfig": ".config", "SamplingParams": ".sampling_params",
+    "RequestOutput": ".outputs", "CompletionOutput": ".outputs",
+}
+__all__ = sorted(_EXPORTS)
 __version__ = "0.1.0"
+
+
+def __getattr__(name: str):
+    if name in _EXPORTS:
+        return getattr(import_module(_EXPORTS[name], __name__), name)
+    raise AttributeError(f"module 'pravaha_core' has no attribute {name!r}")

@@ -1,1 +1,8 @@
-"""Pravāha's client SDK and bulk-job tools (coming with issues 4 and 5)."""
+"""Pravāha's client SDK: `Client` (sync) and `AsyncClient` (asyncio)."""
+
+from .aio import AsyncClient
+from .client import Client, QueueFull
+from .names import Names
+from .wire import Completion, Result, TokenEvent, Usage
+
+__all__ = ["AsyncClient", "Client", "Completion", "Names", "QueueFull", "Result", "TokenEvent", "Usage"]

@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import argparse
+import logging
 import sys
-import time
 
 
 def engine_args(parser: argparse.ArgumentParser) -> None:
@@ -18,54 +18,28 @@ def engine_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--load-format", default="auto", choices=["auto", "dummy"])
 
 
-def build_engine(args: argparse.Namespace):
-    from pravaha_core import Engine
-
-    return Engine(model=args.model, dtype=args.dtype, device=args.device,
-                  kv_cache_bytes=args.kv_cache_bytes, max_num_seqs=args.max_num_seqs,
-                  max_num_batched_tokens=args.max_num_batched_tokens, load_format=args.load_format)
-
-
-DEMO_PROMPTS = ["Once upon a time", "The capital of France is", "def fibonacci(n):",
-                "प्रवाह means flow, and", "Redis streams let workers"]
+def sampling_args(parser: argparse.ArgumentParser, max_tokens: int) -> None:
+    parser.add_argument("--max-tokens", type=int, default=max_tokens)
+    parser.add_argument("--temperature", type=float, default=0.0)
+    parser.add_argument("--top-p", type=float, default=1.0)
+    parser.add_argument("--top-k", type=int, default=0)
+    parser.add_argument("--seed", type=int, default=None)
+    parser.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
 
 
-def cmd_demo(args: argparse.Namespace) -> int:
-    """Several prompts through the continuous-batching loop, streamed as they are generated."""
-    from pravaha_core import SamplingParams
-
-    engine = build_engine(args)
-    params = SamplingParams(max_tokens=args.max_tokens, temperature=0.8, top_p=0.95)
-    print(f"model {args.model}: KV cache {engine.kv_cache_info()['num_blocks']} blocks")
-    started = time.perf_counter()
-    for i, prompt in enumerate(DEMO_PROMPTS):
-        engine.add_request(f"demo-{i}", prompt, params)
-    texts = {f"demo-{i}": "" for i in range(len(DEMO_PROMPTS))}
-    num_tokens = 0
-    while engine.has_unfinished():
-        for delta in engine.step():
-            num_tokens += len(delta.token_ids)
-            texts[delta.request_id] += delta.text
-            if delta.text:
-                print(f"[{delta.request_id}] +{delta.text!r}")
-            if delta.finished:
-                print(f"[{delta.request_id}] finished ({delta.finish_reason})")
-    elapsed = time.perf_counter() - started
-    print("\n--- results ---")
-    for i, prompt in enumerate(DEMO_PROMPTS):
-        print(f"{prompt!r} -> {texts[f'demo-{i}']!r}")
-    print(f"\n{len(DEMO_PROMPTS)} requests, {num_tokens} tokens in {elapsed:.2f}s: "
-          f"{num_tokens / elapsed:.1f} tokens/s")
-    return 0
+def sampling_dict(args: argparse.Namespace) -> dict:
+    return {"max_tokens": args.max_tokens, "temperature": args.temperature, "top_p": args.top_p,
+            "top_k": args.top_k, "seed": args.seed, "stop": args.stop}
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
-    """Stream one prompt's completion to stdout."""
-    from pravaha_core import SamplingParams
+    """Stream one prompt's completion to stdout, in this process (no Redis)."""
+    from pravaha_core import Engine, SamplingParams
 
-    engine = build_engine(args)
-    params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature)
-    for delta in engine.stream(args.prompt, params):
+    engine = Engine(model=args.model, dtype=args.dtype, device=args.device, kv_cache_bytes=args.kv_cache_bytes,
+                    max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
+                    load_format=args.load_format)
+    for delta in engine.stream(args.prompt, SamplingParams(**sampling_dict(args))):
         sys.stdout.write(delta.text)
         sys.stdout.flush()
         if delta.finished:
@@ -76,20 +50,72 @@ def cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_demo(args: argparse.Namespace) -> int:
+    from .demo import run_demo
+
+    return run_demo(args.model, args.max_tokens, args.redis_url)
+
+
+def cmd_worker(args: argparse.Namespace) -> int:
+    from .service import Worker
+    from .settings import config_from_args
+
+    worker = Worker(config_from_args(args))
+    worker.install_signal_handlers()
+    worker.run()
+    return 0
+
+
+def cmd_submit(args: argparse.Namespace) -> int:
+    """Submit one prompt to the stream and print its tokens as they arrive."""
+    from producer import Client
+
+    client = Client(args.redis_url, stream=args.stream)
+    rid = client.submit(args.prompt, sampling_dict(args), request_id=args.request_id)
+    for event in client.stream(rid, timeout=args.timeout):
+        sys.stdout.write(event.text)
+        sys.stdout.flush()
+        if event.finished:
+            sys.stdout.write("\n")
+            if event.error:
+                print(f"error: {event.error}", file=sys.stderr)
+                return 1
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="pravaha", description=__doc__)
+    from .settings import add_worker_flags
+
+    parser = argparse.ArgumentParser(prog="pravaha", description="Pravāha: Redis-stream batch LLM inference")
     sub = parser.add_subparsers(dest="command", required=True)
-    demo = sub.add_parser("demo", help="run a short streamed generation on an embedded default")
-    engine_args(demo)
-    demo.add_argument("--max-tokens", type=int, default=32)
+
+    demo = sub.add_parser("demo", help="producer + worker on an embedded Redis, tokens streamed from channels")
+    demo.add_argument("--model", default="dummy:llama-tiny")
+    demo.add_argument("--max-tokens", type=int, default=24)
+    demo.add_argument("--redis-url", default=None, help="use this Redis instead of an embedded one")
     demo.set_defaults(func=cmd_demo)
-    gen = sub.add_parser("generate", help="generate one completion and stream it to stdout")
+
+    worker = sub.add_parser("worker", help="serve the request stream (flags also from PRAVAHA_* env vars)")
+    add_worker_flags(worker)
+    worker.set_defaults(func=cmd_worker)
+
+    submit = sub.add_parser("submit", help="submit a prompt to the stream and stream its text to stdout")
+    submit.add_argument("prompt")
+    submit.add_argument("--redis-url", default="redis://127.0.0.1:6379/0")
+    submit.add_argument("--stream", default="pravaha:requests")
+    submit.add_argument("--request-id", default=None)
+    submit.add_argument("--timeout", type=float, default=None)
+    sampling_args(submit, max_tokens=64)
+    submit.set_defaults(func=cmd_submit)
+
+    gen = sub.add_parser("generate", help="generate one completion in-process (no Redis) and stream it")
     gen.add_argument("prompt")
     engine_args(gen)
-    gen.add_argument("--max-tokens", type=int, default=64)
-    gen.add_argument("--temperature", type=float, default=0.0)
+    sampling_args(gen, max_tokens=64)
     gen.set_defaults(func=cmd_generate)
+
     args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         return args.func(args)
     except ValueError as exc:

@@ -1,0 +1,352 @@
+"""The worker: bulk reads from the request stream, drives the engine, publishes, acks.
+
+Delivery is at-least-once. A request's events go to its pub/sub channel and to its replay
+stream in the same transaction; the final result is stored, then the entry is acked and
+deleted. A redelivered request resumes after the tokens its event record already holds, so
+what a subscriber saw always matches the final result.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import signal
+import time
+from dataclasses import dataclass, field
+
+import redis
+
+from pravaha_core import Engine, SamplingParams
+from producer.names import Names, check_request_id
+from producer.wire import Completion, Job, Result, TokenEvent, Usage, decode, encode, peek_request_id
+
+from .settings import WorkerConfig
+
+log = logging.getLogger("pravaha.worker")
+REDIS_DOWN = (redis.ConnectionError, redis.TimeoutError, redis.BusyLoadingError)
+
+
+@dataclass
+class Inflight:
+    """A request the engine is working on, and what has been published of it."""
+
+    request_id: str
+    entry_id: str
+    payload: bytes                      # the job as it came off the stream
+    num_samples: int
+    prompt_tokens: int
+    completions: dict[int, Completion] = field(default_factory=dict)
+    next_index: dict[int, int] = field(default_factory=dict)
+
+    def completion(self, sample: int) -> Completion:
+        return self.completions.setdefault(sample, Completion(index=sample, token_ids=[], text="",
+                                                              finish_reason=None))
+
+    def usage(self) -> Usage:
+        generated = sum(len(c.token_ids) for c in self.completions.values())
+        return Usage(prompt_tokens=self.prompt_tokens, completion_tokens=generated,
+                     total_tokens=self.prompt_tokens + generated)
+
+    @property
+    def finished(self) -> bool:
+        done = [c for c in self.completions.values() if c.finish_reason is not None]
+        return len(done) >= self.num_samples
+
+
+class Worker:
+    def __init__(self, config: WorkerConfig, engine: Engine | None = None,
+                 connection: redis.Redis | None = None):
+        self.config = config
+        self.names = Names(config.stream, config.group, config.prefix)
+        self.engine = engine or Engine(model=config.model, dtype=config.dtype, device=config.device,
+                                       kv_cache_bytes=config.kv_cache_bytes, max_num_seqs=config.max_num_seqs,
+                                       max_num_batched_tokens=config.max_num_batched_tokens, seed=config.seed)
+        self.redis = connection or redis.Redis.from_url(config.redis_url, socket_timeout=30,
+                                                        socket_connect_timeout=5, health_check_interval=10)
+        self.inflight: dict[str, Inflight] = {}
+        self.outbox: list = []          # pending writes: callables taking a pipeline
+        self.stopping = False
+        self.ready = False
+        self._cancels = None
+        self._next_housekeeping = 0.0
+        self._backoff = 0.1
+
+    # ---- the loop --------------------------------------------------------------------
+    def run(self) -> None:
+        """Serve until SIGTERM/stop(); then drain in-flight requests and return."""
+        drain_until = None
+        while True:
+            try:
+                self._flush()
+                if not self.ready:
+                    self._connect()
+                if self.stopping:
+                    drain_until = drain_until or time.monotonic() + self.config.drain_timeout_s
+                    if not self.inflight or time.monotonic() > drain_until:
+                        break
+                else:
+                    self._admit(self._read())
+                self._housekeeping()
+                self._apply_cancels()
+                if self.engine.has_unfinished():
+                    self._publish(self.engine.step())
+                self._backoff = 0.1
+            except REDIS_DOWN as exc:
+                self._wait_for_redis(exc)
+        self._release_unfinished()
+
+    def stop(self, *_signal_args) -> None:
+        """Stop reading new work; finish what is in flight (within the drain timeout)."""
+        self.stopping = True
+
+    def install_signal_handlers(self) -> None:
+        signal.signal(signal.SIGTERM, self.stop)
+        signal.signal(signal.SIGINT, self.stop)
+
+    # ---- Redis plumbing --------------------------------------------------------------
+    def _connect(self) -> None:
+        try:
+            self.redis.xgroup_create(self.names.stream, self.names.group, id="0", mkstream=True)
+        except redis.ResponseError as exc:
+            if "BUSYGROUP" not in str(exc):
+                raise
+        if self._cancels is None:
+            self._cancels = self.redis.pubsub(ignore_subscribe_messages=True)
+        self._cancels.subscribe(self.names.cancel_channel)
+        self._check_cancel_keys()   # cancels published while we could not listen
+        self.ready = True
+        log.info("worker %s serving %s (group %s)", self.config.consumer, self.names.stream, self.names.group)
+
+    def _wait_for_redis(self, exc: Exception) -> None:
+        log.warning("redis unavailable (%s); retrying in %.1fs", exc, self._backoff)
+        self.ready = False
+        if self._cancels is not None:
+            self._cancels.close()
+            self._cancels = None
+        time.sleep(self._backoff * (0.5 + random.random()))
+        self._backoff = min(self._backoff * 2, 5.0)
+
+    def _read(self) -> list:
+        count = self.engine.num_admittable()
+        if count <= 0:
+            return []
+        block = None if self.engine.has_unfinished() else self.config.block_ms
+        reply = self.redis.xreadgroup(self.names.group, self.config.consumer, {self.names.stream: ">"},
+                                      count=count, block=block)
+        return reply[0][1] if reply else []
+
+    def _flush(self) -> None:
+        """Write everything pending in one transaction; kept for retry if Redis is down."""
+        if not self.outbox:
+            return
+        pipe = self.redis.pipeline(transaction=True)
+        for write in self.outbox:
+            write(pipe)
+        pipe.execute()
+        self.outbox = []
+
+    def _housekeeping(self) -> None:
+        """Every few seconds: keep our pending entries fresh, check cancel keys, reclaim."""
+        now = time.monotonic()
+        if now < self._next_housekeeping:
+            return
+        self._next_housekeeping = now + min(5.0, self.config.reclaim_idle_s / 3)
+        if self.inflight:   # reset idle time so no one reclaims work we are still doing
+            self.redis.xclaim(self.names.stream, self.names.group, self.config.consumer, 0,
+                              [r.entry_id for r in self.inflight.values()], justid=True)
+            self._check_cancel_keys()
+        if not self.stopping:
+            self._reclaim()
+
+    def _reclaim(self) -> None:
+        count = self.engine.num_admittable()
+        if count <= 0:
+            return
+        min_idle = int(self.config.reclaim_idle_s * 1000)
+        _, entries, deleted = self.redis.xautoclaim(self.names.stream, self.names.group, self.config.consumer,
+                                                    min_idle, "0-0", count=count)
+        if deleted:
+            self.redis.xack(self.names.stream, self.names.group, *deleted)
+        entries = [(eid, fields) for eid, fields in entries if fields is not None]
+        if not entries:
+            return
+        pipe = self.redis.pipeline(transaction=False)
+        for eid, _ in entries:
+            pipe.xpending_range(self.names.stream, self.names.group, eid, eid, 1)
+        counts = [(info[0]["times_delivered"] if info else 1) for info in pipe.execute()]
+        fresh = []
+        for (eid, fields), deliveries in zip(entries, counts):
+            if deliveries > self.config.max_deliveries:
+                reason = f"delivered {deliveries} times (max_deliveries {self.config.max_deliveries})"
+                payload = fields.get(b"job", b"")
+                self._reject(_id(eid), peek_request_id(payload), payload, reason, deliveries)
+            else:
+                fresh.append((eid, fields))
+        log.info("reclaimed %d entries from dead consumers", len(entries))
+        self._admit(fresh)
+
+    # ---- admission -------------------------------------------------------------------
+    def _admit(self, entries: list) -> None:
+        jobs = []
+        for eid, fields in entries:
+            payload = fields.get(b"job", b"")
+            try:
+                job = decode(payload, Job)
+                check_request_id(job.request_id)
+                jobs.append((_id(eid), job, payload))
+            except ValueError as exc:
+                self._reject(_id(eid), peek_request_id(payload), payload, f"undecodable job: {exc}", 1)
+        jobs = [j for j in jobs if j[1].request_id not in self.inflight]
+        if not jobs:
+            return
+        pipe = self.redis.pipeline(transaction=False)
+        for _, job, _ in jobs:
+            pipe.exists(self.names.result(job.request_id))
+            pipe.exists(self.names.cancelled(job.request_id))
+            pipe.xrange(self.names.events(job.request_id))
+        state = pipe.execute()
+        for i, (eid, job, payload) in sorted(enumerate(jobs), key=lambda x: -x[1][1].priority):
+            done, cancelled, prior = state[3 * i: 3 * i + 3]
+            if done:
+                self.outbox.append(lambda p, e=eid: self._ack(p, e))
+            else:
+                self._start(eid, job, payload, bool(cancelled), prior)
+
+    def _start(self, entry_id: str, job: Job, payload: bytes, cancelled: bool, prior_entries: list) -> None:
+        rid = job.request_id
+        try:
+            params = SamplingParams.from_dict(job.params)
+            prompt = self.engine.tokenizer.encode(job.prompt) if isinstance(job.prompt, str) else job.prompt
+            prior = [decode(fields[b"event"], TokenEvent) for _, fields in prior_entries]
+            req = Inflight(rid, entry_id, payload, params.n, len(prompt))
+            if cancelled or (job.deadline is not None and time.time() > job.deadline):
+                self._finish_now(req, "abort" if cancelled else "error", None if cancelled else "deadline exceeded")
+                return
+            prompt, params = self._resume(req, prompt, params, prior)
+            if params is None:
+                return
+            self.engine.add_request(rid, prompt, params)
+            self.inflight[rid] = req
+        except ValueError as exc:
+            self._reject(entry_id, rid, payload, str(exc), 1)
+
+    def _resume(self, req: Inflight, prompt: list[int], params: SamplingParams, prior: list[TokenEvent]):
+        """Carry on after events an earlier delivery published (single-sample requests);
+        a multi-sample request starts over, its events keeping their indices."""
+        for event in prior:
+            req.next_index[event.sample] = max(req.next_index.get(event.sample, 0), event.index + 1)
+        if not prior or req.num_samples > 1:
+            return prompt, params
+        done = req.completion(0)
+        for event in sorted(prior, key=lambda e: e.index):
+            done.token_ids += event.token_ids
+            done.text += event.text
+        left = params.max_tokens - len(done.token_ids)
+        if left <= 0:
+            self._finish_now(req, "length", None)
+            return prompt, None
+        log.info("resuming %s after %d tokens", req.request_id, len(done.token_ids))
+        params.max_tokens = left
+        params.min_tokens = max(0, params.min_tokens - len(done.token_ids))
+        return prompt + done.token_ids, params
+
+    # ---- output ----------------------------------------------------------------------
+    def _publish(self, outputs) -> None:
+        """Queue one step's deltas: events for every changed sample, results for finished requests."""
+        for out in outputs:
+            req = self.inflight.get(out.request_id)
+            if req is None:
+                continue
+            for c in out.outputs:
+                self._emit(req, c.index, c.token_ids, c.text, c.finish_reason, c.error)
+            if out.finished:
+                self._complete(req)
+
+    def _emit(self, req: Inflight, sample: int, token_ids, text, finish_reason, error) -> None:
+        done = req.completion(sample)
+        event = TokenEvent(request_id=req.request_id, sample=sample, num_samples=req.num_samples,
+                           index=req.next_index.get(sample, 0), offset=len(done.token_ids),
+                           token_ids=list(token_ids), text=text, finished=finish_reason is not None,
+                           finish_reason=finish_reason, error=error)
+        req.next_index[sample] = event.index + 1
+        done.token_ids += token_ids
+        done.text += text
+        done.finish_reason, done.error = finish_reason, error
+        if event.finished:
+            event.usage = req.usage()
+        rid, data = req.request_id, encode(event)
+        self.outbox.append(lambda p: (p.publish(self.names.channel(rid), data),
+                                      p.xadd(self.names.events(rid), {"event": data}),
+                                      p.expire(self.names.events(rid), self.config.result_ttl_s)))
+
+    def _complete(self, req: Inflight) -> None:
+        """Store the result, then ack; an engine-side error (e.g. too long) also dead-letters."""
+        rid = req.request_id
+        self.inflight.pop(rid, None)
+        result = Result(request_id=rid, completions=[req.completions[i] for i in sorted(req.completions)],
+                        usage=req.usage(), worker=self.config.consumer, finished_at=time.time())
+        data, eid = encode(result), req.entry_id
+        self.outbox.append(lambda p: (p.set(self.names.result(rid), data, ex=self.config.result_ttl_s),
+                                      self._ack(p, eid)))
+        first = result.completions[0]
+        if first.finish_reason == "error" and first.error != "deadline exceeded":
+            self.outbox.append(self._dead_letter_write(eid, rid, req.payload, first.error, 1))
+
+    def _finish_now(self, req: Inflight, reason: str, error: str | None) -> None:
+        for sample in range(req.num_samples):
+            self._emit(req, sample, [], "", reason, error)
+        self._complete(req)
+
+    def _reject(self, entry_id: str, rid: str | None, payload: bytes, reason: str, deliveries: int) -> None:
+        """Bad input or too many deliveries: the requester (when its id can be read) gets an
+        error result, and the entry moves to the dead-letter stream."""
+        if rid is not None:
+            req = Inflight(rid, entry_id, payload, 1, 0)
+            req.next_index[0] = self.redis.xlen(self.names.events(rid))   # after any earlier events
+            self._emit(req, 0, [], "", "error", reason)
+            result = Result(request_id=rid, completions=[req.completions[0]], usage=req.usage(),
+                            worker=self.config.consumer, finished_at=time.time())
+            data = encode(result)
+            self.outbox.append(lambda p: p.set(self.names.result(rid), data, ex=self.config.result_ttl_s))
+        self.outbox.append(self._dead_letter_write(entry_id, rid, payload, reason, deliveries))
+        log.warning("dead-lettered %s (request %s): %s", entry_id, rid, reason)
+
+    def _dead_letter_write(self, entry_id: str, rid: str | None, payload: bytes, reason: str, deliveries: int):
+        fields = {"entry_id": entry_id, "request_id": rid or "", "reason": reason,
+                  "deliveries": deliveries, "job": payload, "at": time.time()}
+        return lambda p: (p.xadd(self.names.dead_letter, fields), self._ack(p, entry_id))
+
+    def _ack(self, pipe, entry_id: str) -> None:
+        pipe.xack(self.names.stream, self.names.group, entry_id)
+        pipe.xdel(self.names.stream, entry_id)
+
+    # ---- cancellation and shutdown ---------------------------------------------------
+    def _apply_cancels(self) -> None:
+        while self._cancels is not None and (msg := self._cancels.get_message(timeout=0)) is not None:
+            rid = msg["data"].decode() if isinstance(msg["data"], bytes) else str(msg["data"])
+            if rid in self.inflight:
+                self.engine.abort(rid)
+
+    def _check_cancel_keys(self) -> None:
+        rids = list(self.inflight)
+        if rids:
+            flags = self.redis.mget([self.names.cancelled(r) for r in rids])
+            for rid, flag in zip(rids, flags):
+                if flag is not None:
+                    self.engine.abort(rid)
+
+    def _release_unfinished(self) -> None:
+        """Drain timed out: drop what is unfinished without acking; another worker resumes it."""
+        for rid in list(self.inflight):
+            self.engine.abort(rid)
+            log.warning("left %s pending for another worker", rid)
+        self.inflight.clear()
+        self.engine.step()   # consume the abort reports
+        try:
+            self._flush()
+        except REDIS_DOWN as exc:
+            log.error("exiting with %d unwritten writes: %s", len(self.outbox), exc)
+
+
+def _id(entry_id) -> str:
+    return entry_id.decode() if isinstance(entry_id, bytes) else str(entry_id)
