@@ -26,3 +26,6 @@ def checkpoint(tmp_path_factory):
         return made[key]
 
     return get
+
+
+from tests.redis_helpers import aof_redis_server, redis_server, start_worker  # noqa: E402,F401

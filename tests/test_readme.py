@@ -1,45 +1,75 @@
-"""The README's commands and code, run as written."""
+"""The README's commands and code, run as written (Redis URLs pointed at a test server)."""
 
 import os
 import re
+import signal
 import subprocess
 import sys
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 README = open(os.path.join(ROOT, "README.md"), encoding="utf-8").read()
 PRAVAHA = [sys.executable, "-m", "worker.cli"]
+DEFAULT_URL = "redis://127.0.0.1:6379/0"
 
 
 def code_blocks(lang):
     return re.findall(rf"```{lang}\n(.*?)```", README, re.S)
 
 
-def test_python_example_runs_as_written():
-    first = code_blocks("python")[0]
-    result = subprocess.run([sys.executable, "-c", first], cwd=ROOT, capture_output=True, text=True, timeout=300)
+def commands():
+    """Each `pravaha ...` line of the bash blocks as an argument list (placeholders dropped)."""
+    out = []
+    for block in code_blocks("bash"):
+        for line in block.splitlines():
+            if line.startswith("pravaha "):
+                line = re.sub(r"\[[^\]]*\]", "", line.split("#")[0])
+                out.append([a.strip('"') for a in re.findall(r'"[^"]*"|\S+', line)][1:])
+    return out
+
+
+def run_python(code, timeout=300):
+    return subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=timeout)
+
+
+def test_engine_example_runs_as_written():
+    result = run_python(code_blocks("python")[0])
     assert result.returncode == 0, result.stderr
     assert "length" in result.stdout and "'num_blocks'" in result.stdout
 
 
 def test_step_loop_example_runs_after_the_first():
     setup, loop = code_blocks("python")[:2]
-    program = setup + "\n" + loop.replace("        ...", "        print(delta.request_id, delta.finished)")
-    result = subprocess.run([sys.executable, "-c", program], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    result = run_python(setup + "\n" + loop.replace("        ...", "        print(delta.request_id, delta.finished)"))
     assert result.returncode == 0, result.stderr
     assert "req-1 True" in result.stdout
 
 
-def test_cli_commands_in_readme_run():
-    commands = [line.split("#")[0].strip() for block in code_blocks("bash") for line in block.splitlines()
-                if line.startswith("pravaha ")]
-    assert any(c.startswith("pravaha generate") for c in commands)
-    for command in commands:
-        command = re.sub(r"\[[^\]]*\]", "", command)  # drop optional-flag placeholders
-        args = [a.strip('"') for a in re.findall(r'"[^"]*"|\S+', command)][1:]
+def test_offline_cli_commands_run():
+    offline = [c for c in commands() if c[0] in ("demo", "generate")]
+    assert {c[0] for c in offline} == {"demo", "generate"}
+    for args in offline:
         result = subprocess.run(PRAVAHA + args, cwd=ROOT, capture_output=True, text=True, timeout=300)
-        assert result.returncode == 0, (command, result.stderr)
+        assert result.returncode == 0, (args, result.stderr)
         if args[0] == "demo":
             assert "tokens/s" in result.stdout and "5 requests" in result.stdout
+
+
+def test_serving_commands_and_client_example_run(redis_server):
+    serving = {c[0]: [a.replace(DEFAULT_URL, redis_server.url) for a in c] for c in commands()
+               if c[0] in ("worker", "submit")}
+    worker = subprocess.Popen(PRAVAHA + serving["worker"] + ["--kv-cache-bytes", str(8 << 20)], cwd=ROOT,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        submitted = subprocess.run(PRAVAHA + serving["submit"], cwd=ROOT, capture_output=True, text=True,
+                                   timeout=120)
+        assert submitted.returncode == 0, submitted.stderr
+        assert len(submitted.stdout) > 0
+        client_code = next(b for b in code_blocks("python") if "from producer import Client" in b)
+        result = run_python(client_code.replace(DEFAULT_URL, redis_server.url), timeout=120)
+        assert result.returncode == 0, result.stderr
+    finally:
+        worker.send_signal(signal.SIGTERM)
+        assert worker.wait(timeout=60) == 0, worker.stderr.read()
 
 
 def test_makefile_targets_exist_as_documented():
