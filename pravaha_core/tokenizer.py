@@ -13,6 +13,8 @@ class Tokenizer(Protocol):
 
     def decode(self, token_ids: list[int], skip_special_tokens: bool = True) -> str: ...
 
+    def apply_chat_template(self, messages: list[dict]) -> list[int]: ...
+
 
 class ByteTokenizer:
     """UTF-8 bytes are ids 0-255; then <|eos|> and <|bos|>. For random-weight presets.
@@ -30,6 +32,9 @@ class ByteTokenizer:
 
     def encode(self, text: str) -> list[int]:
         return list(text.encode("utf-8"))
+
+    def apply_chat_template(self, messages: list[dict]) -> list[int]:
+        raise ValueError("messages: this model has no chat template (use a prompt instead)")
 
     def decode(self, token_ids: list[int], skip_special_tokens: bool = True) -> str:
         out, buf = [], bytearray()
@@ -63,6 +68,16 @@ class HFTokenizer:
 
     def encode(self, text: str) -> list[int]:
         return list(self._tok(text)["input_ids"])
+
+    def apply_chat_template(self, messages: list[dict]) -> list[int]:
+        """Render chat messages with the checkpoint's template, ready for the assistant's turn."""
+        if not getattr(self._tok, "chat_template", None):
+            raise ValueError("messages: this model has no chat template (use a prompt instead)")
+        try:
+            ids = self._tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+        except Exception as exc:  # noqa: BLE001 - a template error is the request's bad input
+            raise ValueError(f"messages: the chat template failed: {exc}") from exc
+        return list(ids["input_ids"] if isinstance(ids, dict) or hasattr(ids, "keys") else ids)
 
     def decode(self, token_ids: list[int], skip_special_tokens: bool = True) -> str:
         return self._tok.decode(token_ids, skip_special_tokens=skip_special_tokens)

@@ -27,9 +27,10 @@ class AsyncClient:
         self.max_backlog = max_backlog
         self._submit = self.redis.register_script(SUBMIT_SCRIPT)
 
-    async def submit(self, prompt: str | list[int], params: SamplingParams | dict | None = None, *,
-                     request_id: str | None = None, priority: int = 0, deadline_s: float | None = None) -> str:
-        job = build_job(prompt, params, request_id, priority, deadline_s)
+    async def submit(self, prompt: str | list[int] | None, params: SamplingParams | dict | None = None, *,
+                     request_id: str | None = None, priority: int = 0, deadline_s: float | None = None,
+                     messages: list[dict] | None = None) -> str:
+        job = build_job(prompt, params, request_id, priority, deadline_s, messages)
         if await self._submit(keys=[self.names.stream], args=[self.max_backlog, encode(job)]) is None:
             raise QueueFull(f"{self.names.stream} holds {self.max_backlog} unprocessed jobs (max_backlog)")
         return job.request_id

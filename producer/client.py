@@ -31,16 +31,22 @@ class QueueFull(Exception):
     """The request stream's backlog is at the configured limit; retry later."""
 
 
-def build_job(prompt: str | list[int], params: SamplingParams | dict | None, request_id: str | None,
-              priority: int, deadline_s: float | None) -> Job:
-    """Validate a submission and turn it into a wire Job."""
+def build_job(prompt: str | list[int] | None, params: SamplingParams | dict | None, request_id: str | None,
+              priority: int, deadline_s: float | None, messages: list[dict] | None = None) -> Job:
+    """Validate a submission and turn it into a wire Job (`messages` instead of `prompt` for chat)."""
     if isinstance(params, SamplingParams):
         params = params.to_dict()
     sp = SamplingParams.from_dict(dict(params or {}))
     if sp.seed is None and sp.temperature > 0:
         # A fixed seed makes a redelivered job regenerate the same tokens on another worker.
         sp.seed = random.getrandbits(63)
-    if not (isinstance(prompt, str) and prompt) and not (
+    if messages is not None:
+        if prompt is not None:
+            raise ValueError("prompt: give either prompt or messages, not both")
+        if not isinstance(messages, list) or not messages or not all(
+                isinstance(m, dict) and isinstance(m.get("role"), str) and "content" in m for m in messages):
+            raise ValueError("messages: must be a non-empty list of {role, content} objects")
+    elif not (isinstance(prompt, str) and prompt) and not (
             isinstance(prompt, list) and prompt and all(isinstance(t, int) and not isinstance(t, bool) for t in prompt)):
         raise ValueError("prompt: must be a non-empty string or list of token ids")
     if not isinstance(priority, int) or isinstance(priority, bool):
@@ -49,7 +55,7 @@ def build_job(prompt: str | list[int], params: SamplingParams | dict | None, req
         raise ValueError("deadline_s: must be a positive number of seconds")
     now = time.time()
     rid = check_request_id(request_id) if request_id is not None else uuid.uuid4().hex
-    return Job(request_id=rid, prompt=prompt, params=sp.to_dict(), priority=priority,
+    return Job(request_id=rid, prompt=prompt, messages=messages, params=sp.to_dict(), priority=priority,
                deadline=now + deadline_s if deadline_s else None, created_at=now)
 
 
@@ -103,10 +109,12 @@ class Client:
         self.max_backlog = max_backlog
         self._submit = self.redis.register_script(SUBMIT_SCRIPT)
 
-    def submit(self, prompt: str | list[int], params: SamplingParams | dict | None = None, *,
-               request_id: str | None = None, priority: int = 0, deadline_s: float | None = None) -> str:
-        """Enqueue one job; returns its request id. Raises QueueFull past the backlog limit."""
-        job = build_job(prompt, params, request_id, priority, deadline_s)
+    def submit(self, prompt: str | list[int] | None, params: SamplingParams | dict | None = None, *,
+               request_id: str | None = None, priority: int = 0, deadline_s: float | None = None,
+               messages: list[dict] | None = None) -> str:
+        """Enqueue one job; returns its request id. Raises QueueFull past the backlog limit.
+        For chat, pass `prompt=None, messages=[...]`: the worker applies the model's template."""
+        job = build_job(prompt, params, request_id, priority, deadline_s, messages)
         if self._submit(keys=[self.names.stream], args=[self.max_backlog, encode(job)]) is None:
             raise QueueFull(f"{self.names.stream} holds {self.max_backlog} unprocessed jobs (max_backlog)")
         return job.request_id

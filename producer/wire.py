@@ -14,7 +14,8 @@ class Job(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
 
     v: int = SCHEMA_VERSION
     request_id: str
-    prompt: str | list[int]
+    prompt: str | list[int] | None = None
+    messages: list[dict[str, Any]] | None = None   # chat: rendered with the model's chat template
     params: dict[str, Any] = {}
     priority: int = 0
     deadline: float | None = None      # absolute UNIX time; past it the job is not started

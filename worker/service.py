@@ -216,7 +216,7 @@ class Worker:
         rid = job.request_id
         try:
             params = SamplingParams.from_dict(job.params)
-            prompt = self.engine.tokenizer.encode(job.prompt) if isinstance(job.prompt, str) else job.prompt
+            prompt = self._prompt_ids(job)
             prior = [decode(fields[b"event"], TokenEvent) for _, fields in prior_entries]
             req = Inflight(rid, entry_id, payload, params.n, len(prompt))
             if cancelled or (job.deadline is not None and time.time() > job.deadline):
@@ -229,6 +229,13 @@ class Worker:
             self.inflight[rid] = req
         except ValueError as exc:
             self._reject(entry_id, rid, payload, str(exc), 1)
+
+    def _prompt_ids(self, job: Job) -> list[int]:
+        if (job.prompt is None) == (job.messages is None):
+            raise ValueError("prompt: give exactly one of prompt and messages")
+        if job.messages is not None:
+            return self.engine.tokenizer.apply_chat_template(job.messages)
+        return self.engine.tokenizer.encode(job.prompt) if isinstance(job.prompt, str) else job.prompt
 
     def _resume(self, req: Inflight, prompt: list[int], params: SamplingParams, prior: list[TokenEvent]):
         """Carry on after events an earlier delivery published (single-sample requests);
