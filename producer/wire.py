@@ -48,6 +48,7 @@ class TokenEvent(msgspec.Struct, kw_only=True):
     finish_reason: str | None = None
     error: str | None = None
     usage: Usage | None = None
+    logprobs: list[dict[int, float]] | None = None   # per token: top-k alternatives + the sampled id
 
 
 class Completion(msgspec.Struct, kw_only=True):
@@ -56,6 +57,7 @@ class Completion(msgspec.Struct, kw_only=True):
     text: str
     finish_reason: str | None
     error: str | None = None
+    logprobs: list[dict[int, float]] | None = None
 
 
 class Result(msgspec.Struct, kw_only=True):

@@ -455,19 +455,24 @@ def test_cli_submit_streams_text(redis_server, client, start_worker):
 
 # ---- 9. pravaha demo ---------------------------------------------------------------------
 def _redis_pids_on_port(port: int) -> list[int]:
-    """Live (non-zombie) redis-server processes whose command line names `port`."""
+    """Live (non-zombie) redis-server processes whose command line names `port`.
+
+    redis-server rewrites its title to "redis-server 127.0.0.1:PORT"; before that it is the
+    argv ("--port", "PORT"); both match.
+    """
+    names_port = re.compile(rb"(?:^|[\s:])%d(?:\s|$)" % port)
     pids = []
     for entry in os.listdir("/proc"):
         if not entry.isdigit():
             continue
         try:
             with open(f"/proc/{entry}/cmdline", "rb") as f:
-                argv = f.read().split(b"\0")
+                cmdline = f.read().replace(b"\0", b" ").strip()
             with open(f"/proc/{entry}/stat", "rb") as f:
                 state = f.read().rsplit(b")", 1)[1].split()[0]
-        except OSError:
+        except (OSError, IndexError):
             continue
-        if state != b"Z" and argv and b"redis-server" in argv[0] and str(port).encode() in argv:
+        if state != b"Z" and b"redis-server" in cmdline.split(b" ", 1)[0] and names_port.search(cmdline):
             pids.append(int(entry))
     return pids
 

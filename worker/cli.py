@@ -83,6 +83,23 @@ def cmd_submit(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_bulk(args: argparse.Namespace) -> int:
+    """OpenAI Batch JSONL in, batch output JSONL out; resumable; or one RQ job with --rq."""
+    from producer.bulk import enqueue_rq, run_bulk
+
+    if args.rq:
+        if not args.redis_url:
+            raise ValueError("--rq needs --redis-url (the Redis that RQ and the workers share)")
+        job = enqueue_rq(args.input, args.out, args.redis_url, args.max_in_flight, args.stream)
+        print(f"enqueued RQ job {job.id} on queue pravaha-bulk; run it with: "
+              f"rq worker pravaha-bulk -S json --url {args.redis_url}")
+        return 0
+    summary = run_bulk(args.input, args.out, redis_url=args.redis_url, model=args.model,
+                       max_in_flight=args.max_in_flight, stream=args.stream)
+    print(summary.text())
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     from .settings import add_worker_flags
 
@@ -107,6 +124,17 @@ def main(argv: list[str] | None = None) -> int:
     submit.add_argument("--timeout", type=float, default=None)
     sampling_args(submit, max_tokens=64)
     submit.set_defaults(func=cmd_submit)
+
+    bulk = sub.add_parser("bulk", help="OpenAI Batch JSONL -> output JSONL (resumable), locally or via Redis")
+    bulk.add_argument("input")
+    bulk.add_argument("--out", required=True)
+    bulk.add_argument("--redis-url", default=None,
+                      help="produce to this Redis (its workers generate); default: embedded Redis + worker")
+    bulk.add_argument("--model", default="dummy:llama-tiny", help="model for the embedded worker")
+    bulk.add_argument("--max-in-flight", type=int, default=64)
+    bulk.add_argument("--stream", default="pravaha:requests")
+    bulk.add_argument("--rq", action="store_true", help="enqueue the file as an RQ job on queue pravaha-bulk")
+    bulk.set_defaults(func=cmd_bulk)
 
     gen = sub.add_parser("generate", help="generate one completion in-process (no Redis) and stream it")
     gen.add_argument("prompt")

@@ -246,8 +246,7 @@ class Worker:
             return prompt, params
         done = req.completion(0)
         for event in sorted(prior, key=lambda e: e.index):
-            done.token_ids += event.token_ids
-            done.text += event.text
+            _extend(done, event.token_ids, event.text, event.logprobs)
         left = params.max_tokens - len(done.token_ids)
         if left <= 0:
             self._finish_now(req, "length", None)
@@ -265,19 +264,18 @@ class Worker:
             if req is None:
                 continue
             for c in out.outputs:
-                self._emit(req, c.index, c.token_ids, c.text, c.finish_reason, c.error)
+                self._emit(req, c.index, c.token_ids, c.text, c.finish_reason, c.error, c.logprobs)
             if out.finished:
                 self._complete(req)
 
-    def _emit(self, req: Inflight, sample: int, token_ids, text, finish_reason, error) -> None:
+    def _emit(self, req: Inflight, sample: int, token_ids, text, finish_reason, error, logprobs=None) -> None:
         done = req.completion(sample)
         event = TokenEvent(request_id=req.request_id, sample=sample, num_samples=req.num_samples,
                            index=req.next_index.get(sample, 0), offset=len(done.token_ids),
                            token_ids=list(token_ids), text=text, finished=finish_reason is not None,
-                           finish_reason=finish_reason, error=error)
+                           finish_reason=finish_reason, error=error, logprobs=logprobs)
         req.next_index[sample] = event.index + 1
-        done.token_ids += token_ids
-        done.text += text
+        _extend(done, token_ids, text, logprobs)
         done.finish_reason, done.error = finish_reason, error
         if event.finished:
             event.usage = req.usage()
@@ -353,6 +351,13 @@ class Worker:
             self._flush()
         except REDIS_DOWN as exc:
             log.error("exiting with %d unwritten writes: %s", len(self.outbox), exc)
+
+
+def _extend(done: Completion, token_ids: list[int], text: str, logprobs) -> None:
+    done.token_ids += token_ids
+    done.text += text
+    if logprobs is not None:
+        done.logprobs = (done.logprobs or []) + logprobs
 
 
 def _id(entry_id) -> str:
