@@ -31,6 +31,7 @@ PASSTHROUGH = ("temperature", "top_p", "n", "seed", "presence_penalty", "frequen
                "min_p", "repetition_penalty", "min_tokens", "ignore_eos", "stop_token_ids",
                "skip_special_tokens", "include_stop_str_in_output")
 IGNORED = ("model", "user", "stream", "stream_options")
+REDIS_DOWN = (redis.ConnectionError, redis.TimeoutError, redis.BusyLoadingError)
 
 
 class LineError(Exception):
@@ -312,7 +313,8 @@ def _feed(run: _Run, ids: CustomIds, line_no: int, raw: bytes) -> None:
     _retry(lambda: _submit(run, req))
 
 
-def _submit(run: _Run, req: BulkRequest) -> None:
+def _submit(run: _Run, req: BulkRequest, collect: bool = True) -> None:
+    """Submit (unless Redis already holds the result); on QueueFull collect results meanwhile."""
     rid = req.request_id
     if run.client.redis.exists(run.client.names.result(rid)):
         run.pending[rid] = req   # finished before a crash: collected below, not redone
@@ -322,7 +324,7 @@ def _submit(run: _Run, req: BulkRequest) -> None:
             run.client.submit(req.prompt, req.params, request_id=rid, messages=req.messages)
             break
         except QueueFull:
-            if run.pending:
+            if collect and run.pending:
                 _collect(run, block=True)
             else:
                 time.sleep(0.2)   # other producers filled the queue; wait for the workers
@@ -333,7 +335,15 @@ def _collect(run: _Run, block: bool) -> None:
     """Write the lines whose results have arrived; with block, wait until at least one has."""
     while run.pending:
         rids = list(run.pending)
-        results = _retry(lambda: run.client.redis.mget([run.client.names.result(r) for r in rids]))
+        try:
+            results = run.client.redis.mget([run.client.names.result(r) for r in rids])
+        except REDIS_DOWN:
+            # Redis restarted: jobs it lost (no AOF) are submitted again. Duplicates are safe:
+            # a worker drops a job whose result exists or that another worker is running.
+            _retry(lambda: run.client.redis.ping())
+            for req in list(run.pending.values()):
+                _retry(lambda r=req: _submit(run, r, collect=False))
+            continue
         done = [(rid, data) for rid, data in zip(rids, results) if data is not None]
         for rid, data in done:
             _write_result(run, run.pending.pop(rid), decode(data, Result))
@@ -362,7 +372,7 @@ def _retry(fn, attempts: int = 60):
     for attempt in range(attempts):
         try:
             return fn()
-        except (redis.ConnectionError, redis.TimeoutError, redis.BusyLoadingError):
+        except REDIS_DOWN:
             if attempt == attempts - 1:
                 raise
             time.sleep(delay)

@@ -43,6 +43,11 @@ class Names:
         """The final result (msgpack), kept for a TTL."""
         return f"{self.prefix}:{{{request_id}}}:result"
 
+    def lease(self, request_id: str) -> str:
+        """The consumer running the request now (with a TTL); a duplicate entry for a request
+        that another live worker runs is dropped instead of run twice."""
+        return f"{self.prefix}:{{{request_id}}}:lease"
+
     def cancelled(self, request_id: str) -> str:
         """Set by Client.cancel; a worker that picks the job up later aborts it at once."""
         return f"{self.prefix}:{{{request_id}}}:cancel"

@@ -70,6 +70,7 @@ class Worker:
         self._cancels = None
         self._next_housekeeping = 0.0
         self._backoff = 0.1
+        self._lease_ttl = max(1, int(config.reclaim_idle_s + 0.999))
 
     # ---- the loop --------------------------------------------------------------------
     def run(self) -> None:
@@ -85,7 +86,7 @@ class Worker:
                     if not self.inflight or time.monotonic() > drain_until:
                         break
                 else:
-                    self._admit(self._read())
+                    self._admit(self._read(), reclaimed=False)
                 self._housekeeping()
                 self._apply_cancels()
                 if self.engine.has_unfinished():
@@ -152,8 +153,12 @@ class Worker:
             return
         self._next_housekeeping = now + min(5.0, self.config.reclaim_idle_s / 3)
         if self.inflight:   # reset idle time so no one reclaims work we are still doing
-            self.redis.xclaim(self.names.stream, self.names.group, self.config.consumer, 0,
-                              [r.entry_id for r in self.inflight.values()], justid=True)
+            pipe = self.redis.pipeline(transaction=False)
+            pipe.xclaim(self.names.stream, self.names.group, self.config.consumer, 0,
+                        [r.entry_id for r in self.inflight.values()], justid=True)
+            for rid in self.inflight:
+                pipe.set(self.names.lease(rid), self.config.consumer, ex=self._lease_ttl)
+            pipe.execute()
             self._check_cancel_keys()
         if not self.stopping:
             self._reclaim()
@@ -183,10 +188,11 @@ class Worker:
             else:
                 fresh.append((eid, fields))
         log.info("reclaimed %d entries from dead consumers", len(entries))
-        self._admit(fresh)
+        self._admit(fresh, reclaimed=True)
 
     # ---- admission -------------------------------------------------------------------
-    def _admit(self, entries: list) -> None:
+    def _admit(self, entries: list, reclaimed: bool) -> None:
+        """Start decoded jobs; reclaimed entries take over the lease of their dead worker."""
         jobs = []
         for eid, fields in entries:
             payload = fields.get(b"job", b"")
@@ -201,13 +207,15 @@ class Worker:
             return
         pipe = self.redis.pipeline(transaction=False)
         for _, job, _ in jobs:
-            pipe.exists(self.names.result(job.request_id))
-            pipe.exists(self.names.cancelled(job.request_id))
-            pipe.xrange(self.names.events(job.request_id))
+            rid = job.request_id
+            pipe.exists(self.names.result(rid))
+            pipe.exists(self.names.cancelled(rid))
+            pipe.xrange(self.names.events(rid))
+            pipe.set(self.names.lease(rid), self.config.consumer, nx=not reclaimed, ex=self._lease_ttl)
         state = pipe.execute()
         for i, (eid, job, payload) in sorted(enumerate(jobs), key=lambda x: -x[1][1].priority):
-            done, cancelled, prior = state[3 * i: 3 * i + 3]
-            if done:
+            done, cancelled, prior, leased = state[4 * i: 4 * i + 4]
+            if done or not leased:   # finished already, or a duplicate another worker is running
                 self.outbox.append(lambda p, e=eid: self._ack(p, e))
             else:
                 self._start(eid, job, payload, bool(cancelled), prior)
@@ -292,7 +300,7 @@ class Worker:
                         usage=req.usage(), worker=self.config.consumer, finished_at=time.time())
         data, eid = encode(result), req.entry_id
         self.outbox.append(lambda p: (p.set(self.names.result(rid), data, ex=self.config.result_ttl_s),
-                                      self._ack(p, eid)))
+                                      self._ack(p, eid), p.delete(self.names.lease(rid))))
         first = result.completions[0]
         if first.finish_reason == "error" and first.error != "deadline exceeded":
             self.outbox.append(self._dead_letter_write(eid, rid, req.payload, first.error, 1))
@@ -344,6 +352,7 @@ class Worker:
         """Drain timed out: drop what is unfinished without acking; another worker resumes it."""
         for rid in list(self.inflight):
             self.engine.abort(rid)
+            self.outbox.append(lambda p, r=rid: p.delete(self.names.lease(r)))
             log.warning("left %s pending for another worker", rid)
         self.inflight.clear()
         self.engine.step()   # consume the abort reports
