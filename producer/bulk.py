@@ -387,7 +387,8 @@ def _run_embedded(input_path, out_path, model, max_in_flight, stream, progress, 
     from worker.settings import WorkerConfig
 
     with EmbeddedRedis() as url:
-        worker = Worker(WorkerConfig(redis_url=url, model=model, stream=stream, consumer="bulk-embedded"))
+        worker = Worker(WorkerConfig(redis_url=url, model=model, stream=stream, consumer="bulk-embedded",
+                                     metrics_port=-1))
         thread = threading.Thread(target=worker.run, name="pravaha-worker", daemon=True)
         thread.start()
         try:

@@ -82,7 +82,8 @@ class WorkerProcess:
     def __init__(self, url: str, log_path: str, model: str = "dummy:llama-tiny", **flags):
         self.log_path = log_path
         args = [sys.executable, "-m", "worker.cli", "worker", "--redis-url", url, "--model", model,
-                "--kv-cache-bytes", str(flags.pop("kv_cache_bytes", 8 << 20))]
+                "--kv-cache-bytes", str(flags.pop("kv_cache_bytes", 8 << 20)),
+                "--metrics-port", str(flags.pop("metrics_port", -1))]
         for key, value in flags.items():
             args += ["--" + key.replace("_", "-"), str(value)]
         self.log = open(log_path, "w")

@@ -22,7 +22,8 @@ def run_demo(model: str, max_tokens: int, redis_url: str | None = None) -> int:
     try:
         where = f"embedded {embedded.kind} at {url}" if embedded else url
         print(f"Redis: {where}")
-        config = WorkerConfig(redis_url=url, model=model, consumer="demo-worker", kv_cache_bytes=64 << 20)
+        config = WorkerConfig(redis_url=url, model=model, consumer="demo-worker", kv_cache_bytes=64 << 20,
+                              metrics_port=-1)
         worker = Worker(config)
         thread = threading.Thread(target=worker.run, name="pravaha-worker", daemon=True)
         thread.start()

@@ -20,6 +20,7 @@ from pravaha_core import Engine, SamplingParams
 from producer.names import Names, check_request_id
 from producer.wire import Completion, Job, Result, TokenEvent, Usage, decode, encode, peek_request_id
 
+from .metrics import HealthServer, WorkerMetrics
 from .settings import WorkerConfig
 
 log = logging.getLogger("pravaha.worker")
@@ -35,6 +36,8 @@ class Inflight:
     payload: bytes                      # the job as it came off the stream
     num_samples: int
     prompt_tokens: int
+    created_at: float = 0.0             # the producer's clock: latencies include queueing
+    first_token_at: float | None = None
     completions: dict[int, Completion] = field(default_factory=dict)
     next_index: dict[int, int] = field(default_factory=dict)
 
@@ -71,12 +74,17 @@ class Worker:
         self._next_housekeeping = 0.0
         self._backoff = 0.1
         self._lease_ttl = max(1, int(config.reclaim_idle_s + 0.999))
+        self.metrics = WorkerMetrics(self)
+        self.last_loop_at = time.monotonic()
+        self._preemptions_seen = 0
 
     # ---- the loop --------------------------------------------------------------------
     def run(self) -> None:
         """Serve until SIGTERM/stop(); then drain in-flight requests and return."""
+        health = HealthServer(self, self.config.metrics_port).start() if self.config.metrics_port >= 0 else None
         drain_until = None
         while True:
+            self.last_loop_at = time.monotonic()
             try:
                 self._flush()
                 if not self.ready:
@@ -90,11 +98,22 @@ class Worker:
                 self._housekeeping()
                 self._apply_cancels()
                 if self.engine.has_unfinished():
-                    self._publish(self.engine.step())
+                    self._publish(self._step())
                 self._backoff = 0.1
             except REDIS_DOWN as exc:
                 self._wait_for_redis(exc)
         self._release_unfinished()
+        if health:
+            health.stop()
+
+    def _step(self):
+        started = time.perf_counter()
+        outputs = self.engine.step()
+        self.metrics.step_time.observe(time.perf_counter() - started)
+        preemptions = self.engine.stats.num_preemptions
+        self.metrics.preemptions.inc(preemptions - self._preemptions_seen)
+        self._preemptions_seen = preemptions
+        return outputs
 
     def stop(self, *_signal_args) -> None:
         """Stop reading new work; finish what is in flight (within the drain timeout)."""
@@ -162,6 +181,10 @@ class Worker:
             self._check_cancel_keys()
         if not self.stopping:
             self._reclaim()
+        for info in self.redis.xinfo_groups(self.names.stream):
+            if _id(info["name"]) == self.names.group:
+                self.metrics.lag.set(info.get("lag") or 0)
+                self.metrics.pending.set(info.get("pending") or 0)
 
     def _reclaim(self) -> None:
         count = self.engine.num_admittable()
@@ -184,7 +207,7 @@ class Worker:
             if deliveries > self.config.max_deliveries:
                 reason = f"delivered {deliveries} times (max_deliveries {self.config.max_deliveries})"
                 payload = fields.get(b"job", b"")
-                self._reject(_id(eid), peek_request_id(payload), payload, reason, deliveries)
+                self._reject(_id(eid), peek_request_id(payload), payload, reason, deliveries, "max_deliveries")
             else:
                 fresh.append((eid, fields))
         log.info("reclaimed %d entries from dead consumers", len(entries))
@@ -201,7 +224,9 @@ class Worker:
                 check_request_id(job.request_id)
                 jobs.append((_id(eid), job, payload))
             except ValueError as exc:
-                self._reject(_id(eid), peek_request_id(payload), payload, f"undecodable job: {exc}", 1)
+                self._reject(_id(eid), peek_request_id(payload), payload, f"undecodable job: {exc}", 1,
+                             "undecodable")
+        self.metrics.received.inc(len(entries))
         jobs = [j for j in jobs if j[1].request_id not in self.inflight]
         if not jobs:
             return
@@ -226,7 +251,7 @@ class Worker:
             params = SamplingParams.from_dict(job.params)
             prompt = self._prompt_ids(job)
             prior = [decode(fields[b"event"], TokenEvent) for _, fields in prior_entries]
-            req = Inflight(rid, entry_id, payload, params.n, len(prompt))
+            req = Inflight(rid, entry_id, payload, params.n, len(prompt), created_at=job.created_at)
             if cancelled or (job.deadline is not None and time.time() > job.deadline):
                 self._finish_now(req, "abort" if cancelled else "error", None if cancelled else "deadline exceeded")
                 return
@@ -235,8 +260,9 @@ class Worker:
                 return
             self.engine.add_request(rid, prompt, params)
             self.inflight[rid] = req
+            self.metrics.prompt_tokens.inc(len(prompt))
         except ValueError as exc:
-            self._reject(entry_id, rid, payload, str(exc), 1)
+            self._reject(entry_id, rid, payload, str(exc), 1, "invalid")
 
     def _prompt_ids(self, job: Job) -> list[int]:
         if (job.prompt is None) == (job.messages is None):
@@ -284,6 +310,11 @@ class Worker:
                            finish_reason=finish_reason, error=error, logprobs=logprobs)
         req.next_index[sample] = event.index + 1
         _extend(done, token_ids, text, logprobs)
+        if token_ids:
+            self.metrics.generated_tokens.inc(len(token_ids))
+            if req.first_token_at is None:
+                req.first_token_at = time.time()
+                self.metrics.ttft.observe(max(0.0, req.first_token_at - req.created_at))
         done.finish_reason, done.error = finish_reason, error
         if event.finished:
             event.usage = req.usage()
@@ -302,17 +333,29 @@ class Worker:
         self.outbox.append(lambda p: (p.set(self.names.result(rid), data, ex=self.config.result_ttl_s),
                                       self._ack(p, eid), p.delete(self.names.lease(rid))))
         first = result.completions[0]
+        self._observe_finish(req, first)
         if first.finish_reason == "error" and first.error != "deadline exceeded":
+            self.metrics.failed.labels("engine_error").inc()
             self.outbox.append(self._dead_letter_write(eid, rid, req.payload, first.error, 1))
+
+    def _observe_finish(self, req: Inflight, first: Completion) -> None:
+        now = time.time()
+        self.metrics.finished.labels(first.finish_reason or "unknown").inc()
+        if req.created_at:
+            self.metrics.e2e.observe(max(0.0, now - req.created_at))
+        if req.first_token_at is not None and len(first.token_ids) > 1:
+            self.metrics.tpot.observe((now - req.first_token_at) / (len(first.token_ids) - 1))
 
     def _finish_now(self, req: Inflight, reason: str, error: str | None) -> None:
         for sample in range(req.num_samples):
             self._emit(req, sample, [], "", reason, error)
         self._complete(req)
 
-    def _reject(self, entry_id: str, rid: str | None, payload: bytes, reason: str, deliveries: int) -> None:
+    def _reject(self, entry_id: str, rid: str | None, payload: bytes, reason: str, deliveries: int,
+                category: str) -> None:
         """Bad input or too many deliveries: the requester (when its id can be read) gets an
         error result, and the entry moves to the dead-letter stream."""
+        self.metrics.failed.labels(category).inc()
         if rid is not None:
             req = Inflight(rid, entry_id, payload, 1, 0)
             req.next_index[0] = self.redis.xlen(self.names.events(rid))   # after any earlier events

@@ -28,6 +28,7 @@ class WorkerConfig:
     drain_timeout_s: float = 30.0      # SIGTERM: time to finish in-flight requests
     result_ttl_s: int = 24 * 3600      # how long results and event records stay
     block_ms: int = 1000               # longest blocking read while idle
+    metrics_port: int = 9400           # /healthz, /readyz, /metrics; -1 turns the server off
     seed: int = 0
 
     def __post_init__(self) -> None:

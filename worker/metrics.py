@@ -1,0 +1,112 @@
+"""Prometheus metrics (names prefixed `pravaha_`) and the /healthz, /readyz, /metrics server."""
+
+from __future__ import annotations
+
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.core import GaugeMetricFamily
+
+LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600)
+STEP_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5)
+LIVENESS_S = 120.0   # the loop must come round at least this often to count as alive
+
+
+class WorkerMetrics:
+    """One registry per worker (tests run several in one process)."""
+
+    def __init__(self, worker):
+        self.registry = r = CollectorRegistry()
+        self.received = Counter("pravaha_requests_received", "Jobs read from the stream", registry=r)
+        self.finished = Counter("pravaha_requests_finished", "Requests finished, by finish reason",
+                                ["reason"], registry=r)
+        self.failed = Counter("pravaha_requests_failed", "Entries dead-lettered or rejected, by reason",
+                              ["reason"], registry=r)
+        self.prompt_tokens = Counter("pravaha_prompt_tokens", "Prompt tokens admitted", registry=r)
+        self.generated_tokens = Counter("pravaha_generation_tokens", "Tokens generated", registry=r)
+        self.preemptions = Counter("pravaha_preemptions", "Sequences preempted (recomputed)", registry=r)
+        self.ttft = Histogram("pravaha_time_to_first_token_seconds", "Job creation to first token",
+                              buckets=LATENCY_BUCKETS, registry=r)
+        self.tpot = Histogram("pravaha_time_per_output_token_seconds", "Mean time between output tokens",
+                              buckets=STEP_BUCKETS, registry=r)
+        self.e2e = Histogram("pravaha_e2e_request_latency_seconds", "Job creation to final result",
+                             buckets=LATENCY_BUCKETS, registry=r)
+        self.step_time = Histogram("pravaha_step_seconds", "Engine step time", buckets=STEP_BUCKETS, registry=r)
+        self.lag = Gauge("pravaha_consumer_group_lag", "Entries not yet delivered to the group", registry=r)
+        self.pending = Gauge("pravaha_consumer_group_pending", "Entries delivered but not acked", registry=r)
+        r.register(_EngineCollector(worker))
+
+
+class _EngineCollector:
+    """Engine state read at scrape time."""
+
+    def __init__(self, worker):
+        self.worker = worker
+
+    def collect(self):
+        engine = self.worker.engine
+        info = engine.kv_cache_info()
+        yield GaugeMetricFamily("pravaha_running_sequences", "Sequences running", len(engine.scheduler.running))
+        yield GaugeMetricFamily("pravaha_waiting_sequences", "Sequences waiting", len(engine.scheduler.waiting))
+        yield GaugeMetricFamily("pravaha_kv_blocks_used", "KV-cache blocks in use", info["blocks_used"])
+        yield GaugeMetricFamily("pravaha_kv_blocks_total", "KV-cache blocks", info["num_blocks"])
+
+
+class HealthServer:
+    """/healthz: the loop is alive. /readyz: model loaded, Redis reachable, not draining.
+    /metrics: Prometheus text format."""
+
+    def __init__(self, worker, port: int, host: str = "0.0.0.0"):
+        self.worker = worker
+        handler = type("Handler", (_Handler,), {"health": self})
+        self.server = ThreadingHTTPServer((host, port), handler)
+        self.port = self.server.server_address[1]
+        self.thread = threading.Thread(target=self.server.serve_forever, name="pravaha-health", daemon=True)
+
+    def start(self) -> HealthServer:
+        self.thread.start()
+        return self
+
+    def stop(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+    def alive(self) -> bool:
+        return time.monotonic() - self.worker.last_loop_at < LIVENESS_S
+
+    def ready(self) -> tuple[bool, str]:
+        if self.worker.stopping:
+            return False, "draining"
+        if not self.worker.ready:
+            return False, "redis unreachable"
+        return True, "ready"
+
+
+class _Handler(BaseHTTPRequestHandler):
+    health: HealthServer
+
+    def do_GET(self) -> None:  # noqa: N802 - http.server's name
+        path = self.path.split("?", 1)[0]
+        if path == "/healthz":
+            ok = self.health.alive()
+            self._send(200 if ok else 503, b"ok\n" if ok else b"loop stalled\n")
+        elif path == "/readyz":
+            ok, why = self.health.ready()
+            self._send(200 if ok else 503, why.encode() + b"\n")
+        elif path == "/metrics":
+            self._send(200, generate_latest(self.health.worker.metrics.registry),
+                       "text/plain; version=0.0.4; charset=utf-8")
+        else:
+            self._send(404, b"not found\n")
+
+    def _send(self, code: int, body: bytes, ctype: str = "text/plain; charset=utf-8") -> None:
+        self.send_response(code)
+        self.send_header("Content-Type", ctype)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, *args) -> None:   # probes every few seconds: keep logs quiet
+        pass
