@@ -74,7 +74,7 @@ def thread_worker():
 
     def start(url: str, **overrides) -> ThreadWorker:
         config = dict(redis_url=url, consumer=f"thread-{len(started)}", kv_cache_bytes=8 << 20, block_ms=100,
-                      drain_timeout_s=2.0)
+                      drain_timeout_s=2.0, metrics_port=-1)
         config.update(overrides)
         tw = ThreadWorker(Worker(WorkerConfig(**config)))
         started.append(tw)
@@ -176,6 +176,13 @@ POISON = [
     ("unknown param", {"job": _job("poison-unknown", params={"temprature": 0.5})}, "poison-unknown", "temprature"),
     ("brace in request_id", {"job": _job("bad{tag}id")}, None, "request_id"),
     ("token id outside vocab", {"job": _job("poison-vocab", prompt=[1, 2, 10**6])}, "poison-vocab", "vocabulary"),
+    ("negative token id", {"job": _job("poison-negative", prompt=[5, -1])}, "poison-negative", "vocabulary"),
+    ("empty prompt", {"job": _job("poison-empty", prompt="")}, "poison-empty", "prompt"),
+    ("neither prompt nor messages", {"job": _job("poison-neither", prompt=None)}, "poison-neither", "prompt"),
+    ("chat on a model without a template",
+     {"job": _job("poison-chat", prompt=None, messages=[{"role": "user", "content": "hi"}])}, "poison-chat",
+     "chat template"),
+    ("params not a map", {"job": _job("poison-params", params="hot")}, "poison-params", "params"),
     ("prompt beyond context", {"job": _job("poison-huge", prompt=[65] * 5000)}, "poison-huge", "context"),
 ]
 
@@ -236,6 +243,25 @@ def test_poison_messages_are_dead_lettered_and_the_worker_keeps_serving(redis_se
     assert_drained(r)
     assert r.xlen(NAMES.dead_letter) == len(POISON)
     assert proc.proc.poll() is None, proc.output()
+
+
+@pytest.mark.xfail(strict=True, reason=(
+    "SamplingParams n > max_num_seqs is accepted by Engine.add_request, then Engine.step() fails "
+    "`assert plan.chunks, 'unfinished requests but nothing schedulable'`; the AssertionError escapes "
+    "Worker.run (only Redis errors are caught) and the worker process exits"))
+def test_more_samples_than_seats_is_poison_not_a_crash(redis_server, client, start_worker):
+    proc = start_worker(redis_server.url, max_num_seqs=4)
+    rid = client.submit("hi", {"n": 5, "max_tokens": 3})
+    wait_for(lambda: client.redis.xlen(NAMES.dead_letter) or proc.proc.poll() is not None, 30,
+             "the job to be dead-lettered (or the worker to die)")
+    assert proc.proc.poll() is None, f"worker died:\n{proc.output()[-3000:]}"
+    result = client.result(rid, timeout=10)
+    assert result.finish_reason == "error" and result.error
+    (letter,) = dead_letters(client.redis)
+    assert letter["request_id"].decode() == rid
+    good = client.generate("next", {"max_tokens": 4, "ignore_eos": True, "n": 2}, timeout=30)
+    assert [c.finish_reason for c in good.completions] == ["length", "length"]
+    assert_drained(client.redis)
 
 
 def test_prompt_larger_than_the_whole_kv_cache_is_an_error(redis_server, client, thread_worker):
@@ -439,10 +465,6 @@ def test_redelivered_finished_request_is_acked_without_generating(redis_server, 
     tw.assert_alive()
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "Worker._admit does not de-duplicate request ids within one read batch: the second copy fails "
-    "engine.add_request ('already in flight') and _reject publishes a finished error event (index 0) "
-    "for the request that is actually running, whose own first event also gets index 0"))
 def test_same_request_delivered_twice_in_one_batch(redis_server, client, thread_worker):
     """A producer retry (same request_id submitted twice) must not corrupt what subscribers see."""
     params = {"max_tokens": 10, "ignore_eos": True, **GREEDY}

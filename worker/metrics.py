@@ -56,7 +56,7 @@ class _EngineCollector:
 
 class HealthServer:
     """/healthz: the loop is alive. /readyz: model loaded, Redis reachable, not draining.
-    /metrics: Prometheus text format."""
+    /metrics: Prometheus text format. /drain: start draining (the pod's preStop hook)."""
 
     def __init__(self, worker, port: int, host: str = "0.0.0.0"):
         self.worker = worker
@@ -95,6 +95,9 @@ class _Handler(BaseHTTPRequestHandler):
         elif path == "/readyz":
             ok, why = self.health.ready()
             self._send(200 if ok else 503, why.encode() + b"\n")
+        elif path == "/drain":   # the pod's preStop hook: stop reading now, SIGTERM follows
+            self.health.worker.stop()
+            self._send(200, b"draining\n")
         elif path == "/metrics":
             self._send(200, generate_latest(self.health.worker.metrics.registry),
                        "text/plain; version=0.0.4; charset=utf-8")
