@@ -1,0 +1,212 @@
+"""The Kubernetes manifests, checked offline: render, validate, cross-check; and a live scrape
+of a worker's /metrics, /healthz and /readyz."""
+
+import copy
+import os
+import shutil
+import signal
+import subprocess
+import time
+import urllib.error
+import urllib.request
+from dataclasses import fields
+
+import jsonschema
+import pytest
+import yaml
+
+from producer import Client
+from producer.names import DEFAULT_GROUP, DEFAULT_STREAM
+from worker.embedded import free_port
+from worker.settings import WorkerConfig
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+K8S_VERSION = "1.33.0"
+KEDA_CRD = os.path.join(ROOT, "tests", "k8s", "keda.sh_scaledobjects.yaml")
+
+
+def render(path):
+    if shutil.which("kubectl") is None:
+        pytest.skip("kubectl is not installed")
+    out = subprocess.run(["kubectl", "kustomize", os.path.join(ROOT, path)], capture_output=True, text=True,
+                         check=True).stdout
+    return [d for d in yaml.safe_load_all(out) if d]
+
+
+@pytest.fixture(scope="module")
+def overlay():
+    return render("k8s/overlays/example")
+
+
+def one(docs, kind, name=None):
+    found = [d for d in docs if d["kind"] == kind and (name is None or d["metadata"]["name"] == name)]
+    assert len(found) == 1, f"expected one {kind} {name or ''}, found {len(found)}"
+    return found[0]
+
+
+def worker_container(docs):
+    return one(docs, "Deployment")["spec"]["template"]["spec"]["containers"][0]
+
+
+def test_base_and_overlay_render(overlay):
+    base = render("k8s/base")
+    kinds = {d["kind"] for d in base}
+    assert kinds >= {"Deployment", "ConfigMap", "ScaledObject", "PodDisruptionBudget", "StatefulSet",
+                     "Service", "NetworkPolicy"}
+    assert {d["kind"] for d in overlay} == kinds | {"Namespace", "Secret"}
+    assert all(d["metadata"].get("namespace") == "pravaha" for d in overlay if d["kind"] != "Namespace")
+
+
+def test_builtin_kinds_validate_strictly(overlay):
+    import kubernetes_validate
+
+    for doc in overlay:
+        if doc["kind"] == "ScaledObject":
+            continue
+        kubernetes_validate.validate(doc, K8S_VERSION, strict=True)   # raises on any error
+    broken = copy.deepcopy(one(overlay, "Deployment"))
+    broken["spec"]["template"]["spec"]["containers"][0]["readinessProb"] = {}
+    with pytest.raises(kubernetes_validate.ValidationError):
+        kubernetes_validate.validate(broken, K8S_VERSION, strict=True)
+
+
+def strict_schema(schema):
+    """Unknown fields become errors on every object schema that lists its properties."""
+    if isinstance(schema, dict):
+        schema = {k: strict_schema(v) for k, v in schema.items()}
+        if schema.get("type") == "object" and "properties" in schema and "additionalProperties" not in schema:
+            schema["additionalProperties"] = False
+    elif isinstance(schema, list):
+        schema = [strict_schema(v) for v in schema]
+    return schema
+
+
+def keda_schema():
+    with open(KEDA_CRD) as f:
+        crd = yaml.safe_load(f)
+    version = next(v for v in crd["spec"]["versions"] if v["name"] == "v1alpha1")
+    return strict_schema(version["schema"]["openAPIV3Schema"])
+
+
+def test_scaled_object_matches_keda_crd(overlay):
+    scaled = one(overlay, "ScaledObject")
+    assert scaled["apiVersion"] == "keda.sh/v1alpha1"
+    schema = keda_schema()
+    jsonschema.validate(scaled, schema)
+    typo = copy.deepcopy(scaled)
+    typo["spec"]["minReplicaCounts"] = 0
+    with pytest.raises(jsonschema.ValidationError):
+        jsonschema.validate(typo, schema)
+    assert scaled["spec"]["minReplicaCount"] <= scaled["spec"]["maxReplicaCount"]   # the CRD's CEL rule
+
+
+def test_scaled_object_scales_on_the_worker_groups_lag(overlay):
+    scaled = one(overlay, "ScaledObject")
+    deployment = one(overlay, "Deployment")
+    assert scaled["spec"]["scaleTargetRef"]["name"] == deployment["metadata"]["name"]
+    assert scaled["spec"]["minReplicaCount"] == 0   # scale to zero allowed
+    triggers = {t["name"]: t for t in scaled["spec"]["triggers"]}
+    lag = triggers["lag"]["metadata"]
+    assert triggers["lag"]["type"] == "redis-streams"
+    assert isinstance(lag["lagCount"], str) and isinstance(lag["activationLagCount"], str)
+    env = {e["name"] for e in worker_container(overlay)["env"]}
+    for trig in scaled["spec"]["triggers"]:
+        meta = trig["metadata"]
+        assert (meta["stream"], meta["consumerGroup"]) == (DEFAULT_STREAM, DEFAULT_GROUP)
+        assert meta["addressFromEnv"] in env and meta["passwordFromEnv"] in env
+
+
+def test_selectors_match_pod_labels(overlay):
+    for kind in ("Deployment", "StatefulSet"):
+        obj = one(overlay, kind)
+        labels = obj["spec"]["template"]["metadata"]["labels"]
+        assert obj["spec"]["selector"]["matchLabels"].items() <= labels.items()
+    worker_labels = one(overlay, "Deployment")["spec"]["template"]["metadata"]["labels"]
+    redis_labels = one(overlay, "StatefulSet")["spec"]["template"]["metadata"]["labels"]
+    assert one(overlay, "PodDisruptionBudget")["spec"]["selector"]["matchLabels"].items() <= worker_labels.items()
+    assert one(overlay, "Service")["spec"]["selector"].items() <= redis_labels.items()
+    policy = one(overlay, "NetworkPolicy")["spec"]
+    assert policy["podSelector"]["matchLabels"].items() <= redis_labels.items()
+    allowed = policy["ingress"][0]["from"][0]["podSelector"]["matchLabels"]
+    assert allowed.items() <= worker_labels.items(), "workers must be allowed to reach Redis"
+    assert one(overlay, "StatefulSet")["spec"]["serviceName"] == one(overlay, "Service")["metadata"]["name"]
+
+
+def test_worker_pod_settings_match_worker_defaults(overlay):
+    container = worker_container(overlay)
+    pod = one(overlay, "Deployment")["spec"]["template"]["spec"]
+    config = one(overlay, "ConfigMap", "pravaha-worker")["data"]
+    defaults = WorkerConfig(consumer="x")
+    flag_envs = {"PRAVAHA_" + f.name.upper() for f in fields(WorkerConfig)}
+    assert set(config) - {"HF_HOME"} <= flag_envs, "every PRAVAHA_ key must be a worker flag"
+    assert config["PRAVAHA_STREAM"] == defaults.stream and config["PRAVAHA_GROUP"] == defaults.group
+    port = int(config["PRAVAHA_METRICS_PORT"])
+    assert port == defaults.metrics_port == container["ports"][0]["containerPort"]
+    assert container["readinessProbe"]["httpGet"]["path"] == "/readyz"
+    assert container["livenessProbe"]["httpGet"]["path"] == "/healthz"
+    assert container["lifecycle"]["preStop"]["httpGet"]["path"] == "/drain"
+    assert pod["terminationGracePeriodSeconds"] > float(config["PRAVAHA_DRAIN_TIMEOUT_S"])
+    resources = container["resources"]
+    assert resources["requests"] == resources["limits"] and resources["limits"]["nvidia.com/gpu"] == "1"
+    assert pod["securityContext"]["runAsNonRoot"] is True
+    assert container["securityContext"]["readOnlyRootFilesystem"] is True
+    secret = one(overlay, "Secret")["metadata"]["name"]
+    refs = [e["valueFrom"]["secretKeyRef"]["name"] for e in container["env"] if "valueFrom" in e
+            and "secretKeyRef" in e["valueFrom"]]
+    assert refs and all(r == secret for r in refs)
+    assert {e["name"]: e.get("value") for e in container["env"]}["PRAVAHA_REDIS_URL"].endswith("@pravaha-redis:6379/0")
+
+
+def test_redis_persists_with_aof(overlay):
+    redis_conf = one(overlay, "ConfigMap", "pravaha-redis")["data"]["redis.conf"]
+    assert "appendonly yes" in redis_conf
+    sts = one(overlay, "StatefulSet")
+    claim = sts["spec"]["volumeClaimTemplates"][0]["metadata"]["name"]
+    mounts = sts["spec"]["template"]["spec"]["containers"][0]["volumeMounts"]
+    assert any(m["name"] == claim and m["mountPath"] == "/data" for m in mounts) and "dir /data" in redis_conf
+
+
+def get(url):
+    try:
+        with urllib.request.urlopen(url, timeout=5) as resp:
+            return resp.status, resp.read().decode()
+    except urllib.error.HTTPError as err:
+        return err.code, err.read().decode()
+
+
+def metric(text, name):
+    for line in text.splitlines():
+        if line.startswith(name + " ") or line.startswith(name + "{"):
+            return float(line.rsplit(" ", 1)[1])
+    raise AssertionError(f"{name} not in /metrics")
+
+
+def test_live_worker_endpoints(redis_server, start_worker):
+    port = free_port()
+    worker = start_worker(redis_server.url, metrics_port=port)
+    base = f"http://127.0.0.1:{port}"
+    assert get(base + "/healthz") == (200, "ok\n")
+    assert get(base + "/readyz") == (200, "ready\n")
+    client = Client(redis_server.url)
+    results = [client.generate(f"prompt {i}", {"max_tokens": 6, "ignore_eos": True}, timeout=60) for i in range(3)]
+    assert all(len(r.token_ids) == 6 for r in results)
+    deadline = time.monotonic() + 15
+    while True:   # lag/pending gauges are refreshed every few seconds
+        status, text = get(base + "/metrics")
+        if metric(text, "pravaha_requests_finished_total") == 3 or time.monotonic() > deadline:
+            break
+        time.sleep(0.2)
+    assert status == 200
+    assert metric(text, "pravaha_requests_received_total") == 3
+    assert metric(text, "pravaha_generation_tokens_total") == 18
+    assert metric(text, "pravaha_time_to_first_token_seconds_count") == 3
+    assert metric(text, "pravaha_e2e_request_latency_seconds_count") == 3
+    assert metric(text, "pravaha_kv_blocks_total") > 0 and metric(text, "pravaha_kv_blocks_used") == 0
+    for name in ("pravaha_consumer_group_lag", "pravaha_consumer_group_pending", "pravaha_running_sequences",
+                 "pravaha_waiting_sequences", "pravaha_preemptions_total", "pravaha_step_seconds_count",
+                 "pravaha_prompt_tokens_total"):
+        metric(text, name)
+    assert get(base + "/drain") == (200, "draining\n")
+    assert get(base + "/readyz") == (503, "draining\n")
+    worker.proc.send_signal(signal.SIGTERM)
+    assert worker.proc.wait(timeout=30) == 0
