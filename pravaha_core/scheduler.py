@@ -75,6 +75,8 @@ class Scheduler:
         self.waiting.append(seq)
 
     def why_never_fits(self, seq: Sequence) -> str | None:
+        if seq.params.n > self.max_num_seqs:
+            return f"n ({seq.params.n}) exceeds max_num_seqs ({self.max_num_seqs}): the samples never fit at once"
         total = seq.num_prompt_tokens + seq.params.max_tokens
         if total > self.max_model_len:
             return (f"prompt ({seq.num_prompt_tokens} tokens) + max_tokens ({seq.params.max_tokens}) "

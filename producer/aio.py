@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import AsyncIterator
 from typing import Any
@@ -10,10 +11,76 @@ import redis.asyncio as aioredis
 
 from pravaha_core.sampling_params import SamplingParams
 
-from .client import (CANCEL_TTL_S, DEFAULT_MAX_BACKLOG, SUBMIT_SCRIPT, EventReader, QueueFull, build_job,
-                     result_as_events, wait_budget)
+from .client import (CANCEL_TTL_S, DEFAULT_MAX_BACKLOG, POLL_S, SUBMIT_SCRIPT, EventReader, QueueFull,
+                     build_job, result_as_events, wait_budget)
 from .names import DEFAULT_GROUP, DEFAULT_PREFIX, DEFAULT_STREAM, Names, check_request_id
 from .wire import Result, TokenEvent, decode, encode
+
+REDIS_DOWN = (aioredis.ConnectionError, aioredis.TimeoutError)
+MAX_CONNECTIONS = 64
+
+
+class _Wakeups:
+    """One pub/sub connection per client, shared by every stream() and result() waiting on it:
+    a message on a request's channel wakes that request's waiters (hundreds at once)."""
+
+    def __init__(self, redis: aioredis.Redis):
+        self.redis = redis
+        self.pubsub = None
+        self.task: asyncio.Task | None = None
+        self.waiters: dict[str, set[asyncio.Event]] = {}
+
+    async def register(self, channel: str) -> asyncio.Event:
+        event = asyncio.Event()
+        if self.pubsub is None:
+            self.pubsub = self.redis.pubsub(ignore_subscribe_messages=True)
+        if channel not in self.waiters:
+            self.waiters[channel] = set()
+            await self.pubsub.subscribe(channel)
+        self.waiters[channel].add(event)
+        if self.task is None or self.task.done():
+            self.task = asyncio.create_task(self._dispatch())
+        return event
+
+    async def unregister(self, channel: str, event: asyncio.Event) -> None:
+        events = self.waiters.get(channel)
+        if events is None:
+            return
+        events.discard(event)
+        if not events:
+            del self.waiters[channel]
+            try:
+                await self.pubsub.unsubscribe(channel)
+            except REDIS_DOWN:
+                pass   # the connection is gone; nothing to undo
+
+    async def _dispatch(self) -> None:
+        while self.waiters:
+            try:
+                msg = await self.pubsub.get_message(timeout=POLL_S)
+            except REDIS_DOWN:
+                await asyncio.sleep(POLL_S)   # waiters fall back to polling until Redis returns
+                await self._resubscribe()
+                continue
+            if msg is not None:
+                channel = msg["channel"].decode() if isinstance(msg["channel"], bytes) else msg["channel"]
+                for event in self.waiters.get(channel, ()):
+                    event.set()
+
+    async def _resubscribe(self) -> None:
+        try:
+            await self.pubsub.aclose()
+            self.pubsub = self.redis.pubsub(ignore_subscribe_messages=True)
+            if self.waiters:
+                await self.pubsub.subscribe(*self.waiters)
+        except REDIS_DOWN:
+            pass
+
+    async def aclose(self) -> None:
+        if self.task is not None:
+            self.task.cancel()
+        if self.pubsub is not None:
+            await self.pubsub.aclose()
 
 
 class AsyncClient:
@@ -22,10 +89,14 @@ class AsyncClient:
     def __init__(self, redis_url: str = "redis://127.0.0.1:6379/0", stream: str = DEFAULT_STREAM, *,
                  group: str = DEFAULT_GROUP, prefix: str = DEFAULT_PREFIX,
                  max_backlog: int = DEFAULT_MAX_BACKLOG, connection: aioredis.Redis | None = None):
-        self.redis = connection or aioredis.Redis.from_url(redis_url)
+        # A blocking pool: with hundreds of concurrent calls, commands wait for a connection
+        # instead of failing; waiting on channels shares one pub/sub connection (_Wakeups).
+        self.redis = connection or aioredis.Redis(connection_pool=aioredis.BlockingConnectionPool.from_url(
+            redis_url, max_connections=MAX_CONNECTIONS, timeout=None))
         self.names = Names(stream, group, prefix)
         self.max_backlog = max_backlog
         self._submit = self.redis.register_script(SUBMIT_SCRIPT)
+        self._wakeups = _Wakeups(self.redis)
 
     async def submit(self, prompt: str | list[int] | None, params: SamplingParams | dict | None = None, *,
                      request_id: str | None = None, priority: int = 0, deadline_s: float | None = None,
@@ -36,12 +107,14 @@ class AsyncClient:
         return job.request_id
 
     async def stream(self, request_id: str, timeout: float | None = None) -> AsyncIterator[TokenEvent]:
+        """Token events from the first one, whenever called; ends after the last sample finishes."""
         deadline = None if timeout is None else time.monotonic() + timeout
         reader = EventReader()
-        pubsub = self.redis.pubsub(ignore_subscribe_messages=True)
-        await pubsub.subscribe(self.names.channel(request_id))
+        channel = self.names.channel(request_id)
+        wakeup = await self._wakeups.register(channel)
         try:
             while True:
+                wakeup.clear()
                 entries = await self.redis.xrange(self.names.events(request_id), reader.range_start(), "+")
                 for event in reader.take(entries):
                     yield event
@@ -53,20 +126,24 @@ class AsyncClient:
                         for event in result_as_events(result):
                             yield event
                         return
-                await pubsub.get_message(timeout=wait_budget(deadline, request_id))
+                await _wait(wakeup, deadline, request_id)
         finally:
-            await pubsub.aclose()
+            await self._wakeups.unregister(channel, wakeup)
 
     async def result(self, request_id: str, timeout: float | None = None) -> Result:
+        """Wait for the final result (TimeoutError after `timeout` seconds)."""
         deadline = None if timeout is None else time.monotonic() + timeout
-        pubsub = self.redis.pubsub(ignore_subscribe_messages=True)
-        await pubsub.subscribe(self.names.channel(request_id))
+        channel = self.names.channel(request_id)
+        wakeup = await self._wakeups.register(channel)
         try:
-            while (result := await self._get_result(request_id)) is None:
-                await pubsub.get_message(timeout=wait_budget(deadline, request_id))
-            return result
+            while True:
+                wakeup.clear()
+                result = await self._get_result(request_id)
+                if result is not None:
+                    return result
+                await _wait(wakeup, deadline, request_id)
         finally:
-            await pubsub.aclose()
+            await self._wakeups.unregister(channel, wakeup)
 
     async def generate(self, prompt: str | list[int], params: SamplingParams | dict | None = None,
                        timeout: float | None = None, **submit_kwargs: Any) -> Result:
@@ -83,9 +160,18 @@ class AsyncClient:
         return await self.redis.xlen(self.names.stream)
 
     async def aclose(self) -> None:
+        await self._wakeups.aclose()
         await self.redis.aclose()
 
     async def _get_result(self, request_id: str) -> Result | None:
         data = await self.redis.get(self.names.result(request_id))
         return None if data is None else decode(data, Result)
 
+
+
+async def _wait(wakeup: asyncio.Event, deadline: float | None, request_id: str) -> None:
+    """Until a message on the request's channel, or the poll interval, or TimeoutError."""
+    try:
+        await asyncio.wait_for(wakeup.wait(), wait_budget(deadline, request_id))
+    except asyncio.TimeoutError:
+        wait_budget(deadline, request_id)   # raises once the deadline has passed

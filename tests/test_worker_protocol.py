@@ -246,10 +246,6 @@ def test_poison_messages_are_dead_lettered_and_the_worker_keeps_serving(redis_se
     assert proc.proc.poll() is None, proc.output()
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "SamplingParams n > max_num_seqs is accepted by Engine.add_request, then Engine.step() fails "
-    "`assert plan.chunks, 'unfinished requests but nothing schedulable'`; the AssertionError escapes "
-    "Worker.run (only Redis errors are caught) and the worker process exits"))
 def test_more_samples_than_seats_is_poison_not_a_crash(redis_server, client, start_worker):
     proc = start_worker(redis_server.url, max_num_seqs=4)
     rid = client.submit("hi", {"n": 5, "max_tokens": 3})
@@ -394,14 +390,6 @@ def _check_many(outcomes) -> None:
         assert_events_match(events, result)
 
 
-# redis-py >= 6 caps a default asyncio pool at 100 connections (older releases: 2**31).
-DEFAULT_ASYNC_POOL_CAP = aioredis.ConnectionPool().max_connections
-
-
-@pytest.mark.xfail(DEFAULT_ASYNC_POOL_CAP < NUM_STREAMS, strict=True,
-                   raises=getattr(redis.exceptions, "MaxConnectionsError", redis.ConnectionError), reason=(
-    "AsyncClient.stream/result hold one pub/sub connection each from redis.asyncio's default pool, "
-    "which redis-py caps at 100 connections and then raises MaxConnectionsError instead of waiting"))
 def test_async_client_hundreds_of_concurrent_streams(redis_server, start_worker):
     start_worker(redis_server.url)
 
