@@ -24,5 +24,8 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(PY) -m pytest -q tests
 
+bench: $(STAMP)
+	$(VENV)/bin/pravaha bench
+
 clean:
 	rm -rf $(VENV) .pytest_cache .hypothesis *.egg-info

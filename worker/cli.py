@@ -100,6 +100,13 @@ def cmd_bulk(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_bench(args: argparse.Namespace) -> int:
+    from .bench import run
+
+    run(quick=args.quick, out_dir=args.out_dir, skip_hf=args.skip_hf)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     from .settings import add_worker_flags
 
@@ -135,6 +142,12 @@ def main(argv: list[str] | None = None) -> int:
     bulk.add_argument("--stream", default="pravaha:requests")
     bulk.add_argument("--rq", action="store_true", help="enqueue the file as an RQ job on queue pravaha-bulk")
     bulk.set_defaults(func=cmd_bulk)
+
+    bench = sub.add_parser("bench", help="the W1 throughput benchmark: HF baselines, the engine, via Redis")
+    bench.add_argument("--quick", action="store_true", help="16 requests instead of 64")
+    bench.add_argument("--skip-hf", action="store_true", help="only the Pravaha rows")
+    bench.add_argument("--out-dir", default="bench-results")
+    bench.set_defaults(func=cmd_bench)
 
     gen = sub.add_parser("generate", help="generate one completion in-process (no Redis) and stream it")
     gen.add_argument("prompt")

@@ -1,0 +1,189 @@
+"""`pravaha bench` / `make bench`: one standard workload, every system side by side in one run.
+
+W1: dummy:llama-135m (SmolLM2-135M shape), float32, CPU, 2 threads; 64 requests, prompt
+lengths uniform in [16, 256], output lengths uniform in [16, 256] with ignore_eos, seeded.
+Figure: useful output tokens per second over wall time, prefill included. The roofline is
+the workload's model FLOPs over a measured large float32 matmul rate.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+
+import torch
+
+MODEL = "dummy:llama-135m"
+
+
+@dataclass
+class Request:
+    prompt: list[int]
+    max_tokens: int
+
+
+def workload(num: int = 64, prompt_range=(16, 256), output_range=(16, 256), seed: int = 0,
+             shared_prefix: int = 0, vocab: int = 49152) -> list[Request]:
+    rng = random.Random(seed)
+    prefix = [rng.randrange(258, vocab) for _ in range(shared_prefix)]
+    return [Request(prefix + [rng.randrange(258, vocab) for _ in range(rng.randint(*prompt_range))],
+                    rng.randint(*output_range)) for _ in range(num)]
+
+
+def model_flops(cfg: dict, reqs: list[Request], cached_prefix: int = 0) -> float:
+    """Forward FLOPs: 2 per weight per computed token, attention QK and AV over the context,
+    and the LM head only for tokens whose logits are sampled. A cached prefix is not computed."""
+    hidden, layers = cfg["hidden_size"], cfg["num_hidden_layers"]
+    heads, kv_heads = cfg["num_attention_heads"], cfg["num_key_value_heads"]
+    head_dim = hidden // heads
+    linear = layers * (hidden * (heads + 2 * kv_heads) * head_dim + heads * head_dim * hidden
+                       + 3 * hidden * cfg["intermediate_size"])
+    attn_per_ctx = 4 * layers * heads * head_dim
+    total = 0.0
+    for r in reqs:
+        p, n = len(r.prompt), r.max_tokens
+        computed = range(cached_prefix, p + n - 1)                    # the last token is never fed back
+        total += len(computed) * 2 * linear + attn_per_ctx * sum(pos + 1 for pos in computed)
+        total += n * 2 * hidden * cfg["vocab_size"]
+    return total
+
+
+def matmul_gflops(size: int = 2048, repeats: int = 10) -> float:
+    a, b = torch.randn(size, size), torch.randn(size, size)
+    a @ b
+    started = time.perf_counter()
+    for _ in range(repeats):
+        a @ b
+    return 2 * size ** 3 * repeats / (time.perf_counter() - started) / 1e9
+
+
+def bench_engine(reqs: list[Request], **engine_kwargs) -> dict:
+    from pravaha_core import Engine, SamplingParams
+
+    engine = Engine(MODEL, **engine_kwargs)
+    engine.generate([reqs[0].prompt[:16]], SamplingParams(max_tokens=4))        # warm-up
+    params = [SamplingParams(max_tokens=r.max_tokens, temperature=0.0, ignore_eos=True) for r in reqs]
+    started = time.perf_counter()
+    outs = engine.generate([r.prompt for r in reqs], params)
+    elapsed = time.perf_counter() - started
+    return {"tokens": sum(len(o.token_ids) for o in outs), "seconds": elapsed, "steps": engine.stats.num_steps}
+
+
+def bench_redis(reqs: list[Request], kv_cache_bytes: int) -> dict:
+    """Producer -> stream -> a worker process -> channels, on an embedded redis-server."""
+    from producer import Client
+
+    from .embedded import EmbeddedRedis
+
+    with EmbeddedRedis() as url:
+        env = dict(os.environ, PYTHONUNBUFFERED="1")
+        worker = subprocess.Popen([sys.executable, "-m", "worker.cli", "worker", "--redis-url", url, "--model", MODEL,
+                                   "--kv-cache-bytes", str(kv_cache_bytes), "--metrics-port", "-1"],
+                                  env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        try:
+            client = Client(url)
+            client.generate([1, 2, 3], {"max_tokens": 4}, timeout=600)           # worker ready and warm
+            started = time.perf_counter()
+            rids = [client.submit(r.prompt, {"max_tokens": r.max_tokens, "temperature": 0.0, "ignore_eos": True})
+                    for r in reqs]
+            results = [client.result(rid, timeout=3600) for rid in rids]
+            elapsed = time.perf_counter() - started
+        finally:
+            worker.terminate()
+            worker.wait(60)
+    return {"tokens": sum(len(r.token_ids) for r in results), "seconds": elapsed}
+
+
+def hf_model(cfg: dict):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    keys = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
+            "intermediate_size", "max_position_embeddings", "rms_norm_eps", "rope_theta", "tie_word_embeddings")
+    model = LlamaForCausalLM(LlamaConfig(**{k: cfg[k] for k in keys}, eos_token_id=None, bos_token_id=None,
+                                         pad_token_id=0)).eval()
+    return model
+
+
+def bench_hf_single(model, reqs: list[Request]) -> dict:
+    tokens, started = 0, time.perf_counter()
+    with torch.no_grad():
+        for r in reqs:
+            out = model.generate(torch.tensor([r.prompt]), max_new_tokens=r.max_tokens, min_new_tokens=r.max_tokens,
+                                 do_sample=False, attention_mask=torch.ones(1, len(r.prompt), dtype=torch.long))
+            tokens += out.shape[1] - len(r.prompt)
+    return {"tokens": tokens, "seconds": time.perf_counter() - started}
+
+
+def bench_hf_static(model, reqs: list[Request], batch: int = 16) -> dict:
+    """Left-padded static batches; each batch runs to its longest output; useful tokens counted."""
+    tokens, started = 0, time.perf_counter()
+    with torch.no_grad():
+        for i in range(0, len(reqs), batch):
+            group = reqs[i:i + batch]
+            width = max(len(r.prompt) for r in group)
+            ids = torch.tensor([[0] * (width - len(r.prompt)) + r.prompt for r in group])
+            mask = torch.tensor([[0] * (width - len(r.prompt)) + [1] * len(r.prompt) for r in group])
+            longest = max(r.max_tokens for r in group)
+            model.generate(ids, attention_mask=mask, max_new_tokens=longest, min_new_tokens=longest, do_sample=False)
+            tokens += sum(r.max_tokens for r in group)
+    return {"tokens": tokens, "seconds": time.perf_counter() - started}
+
+
+def bench_hf_generate_batch(model, reqs: list[Request]) -> dict:
+    """transformers' continuous batching; one GenerationConfig, so all run to the longest output."""
+    from transformers import GenerationConfig
+
+    longest = max(r.max_tokens for r in reqs)
+    config = GenerationConfig(max_new_tokens=longest, min_new_tokens=longest, do_sample=False, eos_token_id=None,
+                              pad_token_id=0)
+    started = time.perf_counter()
+    with torch.no_grad():
+        model.generate_batch([r.prompt for r in reqs], generation_config=config, progress_bar=False)
+    return {"tokens": sum(r.max_tokens for r in reqs), "seconds": time.perf_counter() - started}
+
+
+def run(quick: bool = False, out_dir: str = "bench-results", skip_hf: bool = False) -> dict:
+    from pravaha_core.loader import PRESETS
+
+    torch.set_num_threads(2)
+    torch.manual_seed(0)
+    cfg = PRESETS["llama-135m"]
+    reqs = workload(16 if quick else 64)
+    kv = 2 << 30
+    gflops = matmul_gflops()
+    flops = model_flops(cfg, reqs)
+    best_s = flops / (gflops * 1e9)
+    useful = sum(r.max_tokens for r in reqs)
+    rows: list[tuple[str, dict]] = []
+    if not skip_hf:
+        model = hf_model(cfg)
+        single = reqs[:4]
+        rows.append((f"HF generate, one at a time ({len(single)} requests)", bench_hf_single(model, single)))
+        rows.append(("HF generate, static batches of 16", bench_hf_static(model, reqs)))
+        rows.append(("HF generate_batch (continuous)", bench_hf_generate_batch(model, reqs)))
+        del model
+    rows.append(("Pravaha Engine.generate", bench_engine(reqs, kv_cache_bytes=kv)))
+    rows.append(("Pravaha via Redis (producer, stream, worker, channels)", bench_redis(reqs, kv)))
+    report = {"workload": {"requests": len(reqs), "prompt_tokens": sum(len(r.prompt) for r in reqs),
+                           "output_tokens": useful, "model_tflop": flops / 1e12},
+              "matmul_gflops": gflops, "roofline_seconds": best_s, "roofline_tok_s": useful / best_s, "rows": []}
+    print(f"W1{' (quick: 16 requests)' if quick else ''}: {len(reqs)} requests, "
+          f"{report['workload']['prompt_tokens']} prompt + {useful} output tokens, {flops / 1e12:.2f} TFLOP; "
+          f"matmul {gflops:.0f} GFLOP/s -> roofline {best_s:.1f}s = {useful / best_s:.0f} tok/s")
+    print(f"{'system':58s} {'tok/s':>8s} {'seconds':>8s} {'roofline':>9s}")
+    for name, r in rows:
+        rate = r["tokens"] / r["seconds"]
+        row = {"system": name, **r, "tok_s": rate, "roofline_share": rate / (useful / best_s)}
+        report["rows"].append(row)
+        print(f"{name:58s} {rate:8.1f} {r['seconds']:8.1f} {100 * row['roofline_share']:8.1f}%")
+    os.makedirs(out_dir, exist_ok=True)
+    path = os.path.join(out_dir, "bench.json")
+    with open(path, "w") as f:
+        json.dump(report, f, indent=2)
+    print(f"written to {path}")
+    return report
