@@ -34,6 +34,7 @@ class EngineConfig:
     load_format: str = "auto"
     seed: int = 0
     tokenizer: str | None = None
+    native_kernels: bool = True      # the compiled CPU paged-decode kernel, when it builds
 
     def __post_init__(self) -> None:
         if not isinstance(self.model, str) or not self.model:

@@ -54,7 +54,8 @@ class Engine:
         self.bytes_per_block = bytes_per_block(loaded.model, config.block_size, config.dtype)
         num_blocks = self._num_blocks(config)
         eos = self.tokenizer.eos_token_ids
-        self.runner = ModelRunner(loaded, num_blocks, config.block_size, config.dtype, config.device, eos)
+        self.runner = ModelRunner(loaded, num_blocks, config.block_size, config.dtype, config.device, eos,
+                                  config.native_kernels)
         self.block_manager = BlockManager(num_blocks, config.block_size)
         self.scheduler = Scheduler(self.block_manager, config.max_num_seqs,
                                    config.max_num_batched_tokens, self.max_model_len, eos)

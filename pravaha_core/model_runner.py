@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 
+from . import kernels
 from .loader import DTYPES, LoadedModel
 from .models.attention import AttentionGroup, AttentionMetadata, build_mask
 from .sampler import PenaltyInputs, SamplingBatch, sample
@@ -19,7 +20,7 @@ def bytes_per_block(model, block_size: int, dtype: str) -> int:
 
 class ModelRunner:
     def __init__(self, loaded: LoadedModel, num_blocks: int, block_size: int,
-                 dtype: str, device: str, eos_token_ids: set[int]):
+                 dtype: str, device: str, eos_token_ids: set[int], use_kernels: bool = True):
         self.model = loaded.model
         self.block_size = block_size
         self.device = torch.device(device)
@@ -31,6 +32,7 @@ class ModelRunner:
         self.windows = set(m.sliding_windows)
         self.gqa_group = m.num_heads // m.num_kv_heads
         self.eos_token_ids = sorted(eos_token_ids)
+        self.kernel = kernels.paged_decode() if self.device.type == "cpu" and use_kernels else None
 
     @torch.inference_mode()
     def execute(self, plan: SchedulerOutput) -> ModelRunnerOutput:
@@ -99,27 +101,32 @@ class ModelRunner:
         decode = prefill = None
         if num_decode:
             q_pos = (starts[:num_decode])[:, None]
-            decode = self._group(torch.arange(num_decode)[:, None], None, tables[:num_decode], q_pos, chunks[:num_decode])
+            decode = self._group(torch.arange(num_decode)[:, None], None, tables[:num_decode], q_pos,
+                                 chunks[:num_decode], masks=self.kernel is None)
         if num_decode < len(chunks):
             p_lens, p_offsets = lens[num_decode:], offsets[num_decode:] - offsets[num_decode]
             q_rel = torch.arange(int(p_lens.max()))[None, :]
             valid = q_rel < p_lens[:, None]
             q_index = torch.where(valid, p_offsets[:, None] + q_rel, 0)
             q_pos = torch.where(valid, starts[num_decode:, None] + q_rel, 0)
-            prefill = self._group(q_index, None if bool(valid.all()) else valid,
-                                  tables[num_decode:], q_pos, chunks[num_decode:])
-        meta = AttentionMetadata(slots.to(dev), num_decode, decode, prefill)
+            direct = all(c.start == 0 for c in chunks[num_decode:])
+            prefill = self._group(q_index, None if bool(valid.all()) else valid, tables[num_decode:], q_pos,
+                                  chunks[num_decode:], direct=direct)
+        meta = AttentionMetadata(slots.to(dev), num_decode, decode, prefill, self.kernel)
         input_ids = torch.tensor(ids, device=dev)
         return input_ids, positions.to(dev), meta, (ends - 1).tolist()
 
-    def _group(self, q_index, q_valid, tables, q_pos, chunks) -> AttentionGroup:
-        """Padded batch over `chunks`; block tables cut to the widest one in the group."""
+    def _group(self, q_index, q_valid, tables, q_pos, chunks, masks: bool = True,
+               direct: bool = False) -> AttentionGroup:
+        """Padded batch over `chunks`; block tables cut to the widest one in the group. With
+        `direct`, keys are the chunks' own tokens, so masks span the longest chunk only."""
         width = max(len(c.seq.block_table) for c in chunks)
-        num_keys = width * self.block_size
+        num_keys = q_index.shape[1] if direct else width * self.block_size
         dev = self.device
-        masks = {w: build_mask(q_pos, num_keys, w, self.gqa_group).to(dev) for w in self.windows}
+        built = {w: build_mask(q_pos, num_keys, w, self.gqa_group).to(dev) for w in self.windows} if masks else {}
+        context_lens = torch.tensor([c.start + c.num_tokens for c in chunks])
         return AttentionGroup(q_index.to(dev), None if q_valid is None else q_valid.to(dev),
-                              tables[:, :width].contiguous().to(dev), masks)
+                              tables[:, :width].contiguous().to(dev), context_lens.to(dev), built, direct)
 
 
 def _stop_ids(params, eos_token_ids: list[int]) -> list[int]:

@@ -47,10 +47,12 @@ def assert_matches_hf(engine, path, prompt_ids, outs):
         assert out.finish_reason == ("stop" if stopped else "length")
 
 
+@pytest.mark.parametrize("native_kernels", [True, False], ids=["kernel", "torch"])
 @pytest.mark.parametrize("family", FAMILIES)
-def test_greedy_matches_hf(checkpoint, family):
+def test_greedy_matches_hf(checkpoint, family, native_kernels):
     path = checkpoint(family)
-    engine, prompt_ids, outs, plans = run_engine(path, kv_cache_bytes=1 << 22)
+    engine, prompt_ids, outs, plans = run_engine(path, kv_cache_bytes=1 << 22, native_kernels=native_kernels)
+    assert (engine.runner.kernel is not None) == native_kernels
     assert_matches_hf(engine, path, prompt_ids, outs)
     assert max(len(p) for p in plans) == len(PROMPTS), "all prompts should share one batch"
     assert engine.kv_cache_info()["blocks_free"] == engine.kv_cache_info()["num_blocks"]
@@ -80,8 +82,9 @@ def test_greedy_matches_hf_with_chunked_prefill(checkpoint, family):
     assert_matches_hf(engine, path, prompt_ids, outs)
 
 
-def test_sliding_window_matches_hf(checkpoint):
+@pytest.mark.parametrize("native_kernels", [True, False], ids=["kernel", "torch"])
+def test_sliding_window_matches_hf(checkpoint, native_kernels):
     path = checkpoint("mistral", sliding_window=6)
-    engine, prompt_ids, outs, _ = run_engine(path, kv_cache_bytes=1 << 22)
+    engine, prompt_ids, outs, _ = run_engine(path, kv_cache_bytes=1 << 22, native_kernels=native_kernels)
     assert engine.runner.model.sliding_windows == [6, 6]
     assert_matches_hf(engine, path, prompt_ids, outs)

@@ -1,8 +1,10 @@
-"""Paged attention in plain torch: write the step's K/V into blocks, gather, attend.
+"""Paged attention: write the step's K/V into blocks, then attend.
 
 Per step the runner builds one `AttentionMetadata`; every layer reuses it. Tokens of the
 flat batch come in two groups: single-token chunks (decode) first, then multi-token chunks
-(prefill), each group attended as a padded batch over its sequences' gathered blocks.
+(prefill). Decode attends straight from the blocks with the native CPU kernel when it is
+built, else as a padded batch over gathered blocks. Prefill chunks that start a sequence
+attend to their own K/V; later chunks gather their earlier blocks.
 """
 
 from __future__ import annotations
@@ -20,17 +22,17 @@ class AttentionGroup:
     q_index:      [B, Q]  rows of the group's tokens for each query (padding: row 0)
     q_valid:      [B, Q]  False on padding (None when no padding)
     block_tables: [B, M]  block ids per sequence (padding: block 0, masked out)
-    masks:        window -> [B, 1, G*Q, M*block_size] bool, True where a query may see a key
+    context_lens: [B]     tokens each query row's sequence has in the cache after this step
+    masks:        window -> [B, 1, G*Q, K] bool, True where a query may see a key
+    direct:       keys are the group's own new tokens (every chunk starts its sequence)
     """
 
     q_index: torch.Tensor
     q_valid: torch.Tensor | None
     block_tables: torch.Tensor
+    context_lens: torch.Tensor
     masks: dict[int | None, torch.Tensor]
-
-    @property
-    def num_queries(self) -> int:
-        return self.q_index.shape[1]
+    direct: bool = False
 
 
 @dataclass
@@ -39,6 +41,7 @@ class AttentionMetadata:
     num_decode_tokens: int            # tokens [0, num_decode_tokens) form the decode group
     decode: AttentionGroup | None
     prefill: AttentionGroup | None
+    kernel: object | None = None      # the native paged-decode module, when usable
 
 
 def build_mask(q_pos: torch.Tensor, num_keys: int, window: int | None, group: int) -> torch.Tensor:
@@ -61,28 +64,41 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     out = torch.empty_like(q)
     nd = meta.num_decode_tokens
     if meta.decode is not None:
-        out[:nd] = _attend_group(q[:nd], k_cache, v_cache, meta.decode, scale, window).squeeze(1)
+        grp = meta.decode
+        if meta.kernel is not None:
+            out[:nd] = meta.kernel.paged_decode_attention(
+                q[:nd].float(), k_cache, v_cache, grp.block_tables, grp.context_lens, scale,
+                window or -1).to(q.dtype)
+        else:
+            out[:nd] = _attend(q[:nd].unsqueeze(1), *_gather(k_cache, v_cache, grp), grp.masks[window],
+                               scale).squeeze(1)
     if meta.prefill is not None:
         grp = meta.prefill
-        q_pre = q[nd:]
-        padded = _attend_group(q_pre[grp.q_index], k_cache, v_cache, grp, scale, window)
+        keys, values = ((k[nd:][grp.q_index], v[nd:][grp.q_index]) if grp.direct
+                        else _gather(k_cache, v_cache, grp))
+        padded = _attend(q[nd:][grp.q_index], keys, values, grp.masks[window], scale)
         out[nd:] = padded[grp.q_valid] if grp.q_valid is not None else padded.flatten(0, 1)
     return out
 
 
-def _attend_group(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-                  grp: AttentionGroup, scale: float, window: int | None) -> torch.Tensor:
-    """q: [B, Q, H, D] (or [B, H, D] for decode) -> [B, Q, H, D]."""
-    if q.dim() == 3:
-        q = q.unsqueeze(1)
+def _gather(k_cache: torch.Tensor, v_cache: torch.Tensor, grp: AttentionGroup):
+    """The group's blocks as [B, M * block_size, KVH, D] keys and values."""
+    b, m = grp.block_tables.shape
+    flat = grp.block_tables.flatten()
+    shape = (b, m * k_cache.shape[1], k_cache.shape[2], k_cache.shape[3])
+    return k_cache.index_select(0, flat).view(shape), v_cache.index_select(0, flat).view(shape)
+
+
+def _attend(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor,
+            scale: float) -> torch.Tensor:
+    """q: [B, Q, H, D], keys/values: [B, L, KVH, D] -> [B, Q, H, D]."""
     b, nq, num_heads, head_dim = q.shape
-    num_kv_heads = k_cache.shape[2]
+    num_kv_heads = keys.shape[2]
     group = num_heads // num_kv_heads
-    keys = k_cache[grp.block_tables].flatten(1, 2).transpose(1, 2)      # [B, KVH, L, D]
-    values = v_cache[grp.block_tables].flatten(1, 2).transpose(1, 2)    # [B, KVH, L, D]
     # Heads h = kv * group + g share KV head kv: fold the group into the query axis.
     q = q.view(b, nq, num_kv_heads, group, head_dim).permute(0, 2, 3, 1, 4)
     q = q.reshape(b, num_kv_heads, group * nq, head_dim)
-    out = F.scaled_dot_product_attention(q, keys, values, attn_mask=grp.masks[window], scale=scale)
+    out = F.scaled_dot_product_attention(q, keys.transpose(1, 2), values.transpose(1, 2),
+                                         attn_mask=mask, scale=scale)
     out = out.view(b, num_kv_heads, group, nq, head_dim).permute(0, 3, 1, 2, 4)
     return out.reshape(b, nq, num_heads, head_dim)

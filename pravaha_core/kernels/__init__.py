@@ -1,0 +1,30 @@
+"""Optional native kernels, compiled on first use with torch's C++ extension loader.
+
+`paged_decode()` returns the compiled module, or None when it cannot be built (no compiler,
+no ninja, PRAVAHA_NO_KERNELS=1); the engine then uses its plain-torch path.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import os
+import platform
+
+log = logging.getLogger("pravaha.kernels")
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+@functools.cache
+def paged_decode():
+    if os.environ.get("PRAVAHA_NO_KERNELS") == "1":
+        return None
+    try:
+        from torch.utils.cpp_extension import load
+
+        name = f"pravaha_paged_attention_{platform.machine()}"
+        return load(name=name, sources=[os.path.join(HERE, "paged_attention.cpp")],
+                    extra_cflags=["-O3", "-march=native", "-fopenmp"], extra_ldflags=["-fopenmp"], verbose=False)
+    except Exception as exc:  # noqa: BLE001 - any build failure means: use the torch path
+        log.warning("paged attention kernel unavailable (%s); using the torch path", exc)
+        return None
