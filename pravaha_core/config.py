@@ -35,6 +35,7 @@ class EngineConfig:
     seed: int = 0
     tokenizer: str | None = None
     native_kernels: bool = True      # the compiled CPU paged-decode kernel, when it builds
+    enable_prefix_caching: bool = True
 
     def __post_init__(self) -> None:
         if not isinstance(self.model, str) or not self.model:

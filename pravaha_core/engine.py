@@ -56,7 +56,7 @@ class Engine:
         eos = self.tokenizer.eos_token_ids
         self.runner = ModelRunner(loaded, num_blocks, config.block_size, config.dtype, config.device, eos,
                                   config.native_kernels)
-        self.block_manager = BlockManager(num_blocks, config.block_size)
+        self.block_manager = BlockManager(num_blocks, config.block_size, config.enable_prefix_caching)
         self.scheduler = Scheduler(self.block_manager, config.max_num_seqs,
                                    config.max_num_batched_tokens, self.max_model_len, eos)
         self.stats = EngineStats()
@@ -217,6 +217,7 @@ class Engine:
             s.num_prompt_tokens += max(0, min(c.start + c.num_tokens, p) - c.start)
         s.num_generated_tokens += num_sampled
         s.num_preemptions = self.scheduler.num_preemptions
+        s.num_cached_prompt_tokens = self.scheduler.num_cached_tokens
 
 
 def _params(params: SamplingParams | dict | None) -> SamplingParams:

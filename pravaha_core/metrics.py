@@ -11,6 +11,7 @@ class EngineStats:
     num_prompt_tokens: int = 0       # prompt tokens computed (recomputation included)
     num_generated_tokens: int = 0
     num_preemptions: int = 0
+    num_cached_prompt_tokens: int = 0  # prompt tokens reused from the prefix cache
     num_finished: int = 0
     step_time_s: float = 0.0         # total time inside step()
 

@@ -62,6 +62,7 @@ class Scheduler:
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
         self.num_preemptions = 0
+        self.num_cached_tokens = 0     # prompt tokens served from the prefix cache
 
     # ---- admission -------------------------------------------------------------------
     def add(self, seq: Sequence) -> None:
@@ -149,14 +150,19 @@ class Scheduler:
             seq = self.waiting[0]
             if len(self.running) + _seats(seq) > self.max_num_seqs:
                 break
+            reused = self.block_manager.reuse_cached_prefix(seq)
             num_tokens = min(seq.num_uncomputed_tokens, budget)
             if not self.block_manager.allocate_slots(seq, num_tokens):
+                if reused:   # waiting sequences hold no blocks
+                    self.block_manager.free(seq)
+                    seq.num_computed_tokens = 0
                 break
+            self.num_cached_tokens += reused
             self.waiting.popleft()
             self._run(seq)
             out.chunks.append(ScheduledChunk(seq, seq.num_computed_tokens, num_tokens))
             budget -= num_tokens
-            if seq.pending_forks and seq.fork_at == 0:
+            if seq.pending_forks and seq.num_computed_tokens >= seq.fork_at:
                 self._fork(seq)
 
     def _run(self, seq: Sequence) -> None:
@@ -187,6 +193,7 @@ class Scheduler:
         for chunk in plan.chunks:
             seq = chunk.seq
             seq.num_computed_tokens += chunk.num_tokens
+            self.block_manager.commit(seq)
             if seq.pending_forks and seq.num_computed_tokens >= seq.fork_at:
                 self._fork(seq)
             token = result.sampled_token_ids.get(seq.seq_id)

@@ -58,6 +58,8 @@ class Sequence:
         self.num_preemptions = 0
         self.fork_at = 0
         self.pending_forks: list[Sequence] = []
+        self.block_hashes: list[int] = []     # prefix-cache names of its full blocks (memo)
+        self.num_committed_blocks = 0         # leading blocks already named in the prefix cache
 
     def make_forks(self, block_size: int) -> None:
         """Create the request's samples 1..n-1, to share this one's full prompt blocks."""

@@ -279,3 +279,72 @@ def test_freed_sequence_blocks_are_reused_by_next_sequence():
     bm.free(a)
     assert bm.allocate_slots(b, 4)
     assert b.block_table[0] in held
+
+
+# ---- prefix cache ----------------------------------------------------------------------
+from pravaha_core.sampling_params import SamplingParams  # noqa: E402
+from pravaha_core.sequence import Sequence  # noqa: E402
+
+
+def _seq(tokens, rid="s"):
+    return Sequence(rid, list(tokens), SamplingParams(max_tokens=4))
+
+
+def _computed(bm, seq):
+    """Allocate and mark every token but the last computed, then name the full blocks."""
+    assert bm.allocate_slots(seq, seq.num_tokens - 1 - seq.num_computed_tokens)
+    seq.num_computed_tokens = seq.num_tokens - 1
+    bm.commit(seq)
+
+
+def test_prefix_cache_reuses_full_blocks_of_a_shared_prefix():
+    bm = BlockManager(num_blocks=8, block_size=4, enable_prefix_caching=True)
+    a = _seq(range(10), "a")                       # blocks [0..3] [4..7] full, [8, 9] partial
+    _computed(bm, a)
+    b = _seq(list(range(8)) + [42, 43, 44], "b")   # same first two blocks
+    assert bm.reuse_cached_prefix(b) == 8
+    assert b.block_table == a.block_table[:2]
+    assert [bm.allocator.ref_counts[x] for x in b.block_table] == [2, 2]
+    c = _seq([9] + list(range(1, 8)), "c")         # first block differs: the chain breaks at once
+    assert bm.reuse_cached_prefix(c) == 0 and c.block_table == []
+
+
+def test_prefix_cache_hash_is_chained_by_position():
+    bm = BlockManager(num_blocks=8, block_size=2, enable_prefix_caching=True)
+    a = _seq([1, 2, 3, 4, 5], "a")
+    _computed(bm, a)
+    b = _seq([3, 4, 1, 2, 9], "b")                 # same blocks, other order: no hit
+    assert bm.reuse_cached_prefix(b) == 0
+
+
+def test_prefix_cache_leaves_one_token_to_compute():
+    bm = BlockManager(num_blocks=8, block_size=4, enable_prefix_caching=True)
+    a = _seq(range(9), "a")
+    _computed(bm, a)                                # blocks [0..3] [4..7] named
+    exact = _seq(range(8), "b")                     # 8 tokens: only the first block may be reused
+    assert bm.reuse_cached_prefix(exact) == 4
+
+
+def test_freed_blocks_stay_cached_until_reused_lru():
+    bm = BlockManager(num_blocks=4, block_size=2, enable_prefix_caching=True)
+    a = _seq([1, 2, 3, 4, 5], "a")
+    _computed(bm, a)
+    held = list(a.block_table)
+    bm.free(a)
+    assert bm.num_free_blocks == 4 and len(bm.cached) == 2
+    b = _seq([1, 2, 3, 4, 7], "b")
+    assert bm.reuse_cached_prefix(b) == 4 and b.block_table == held[:2]
+    assert bm.num_free_blocks == 2
+    bm.free(b)
+    # Allocate everything: the named blocks go last (least recently freed first) and lose their names.
+    c = _seq(range(100, 109), "c")
+    assert bm.allocate_slots(c, 8)
+    assert bm.cached == {} and bm.block_hash == {}
+
+
+def test_prefix_cache_off_never_reuses():
+    bm = BlockManager(num_blocks=8, block_size=4)
+    a = _seq(range(10), "a")
+    _computed(bm, a)
+    assert bm.cached == {}
+    assert bm.reuse_cached_prefix(_seq(range(10), "b")) == 0

@@ -88,3 +88,22 @@ def test_sliding_window_matches_hf(checkpoint, native_kernels):
     engine, prompt_ids, outs, _ = run_engine(path, kv_cache_bytes=1 << 22, native_kernels=native_kernels)
     assert engine.runner.model.sliding_windows == [6, 6]
     assert_matches_hf(engine, path, prompt_ids, outs)
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_prefix_cache_hits_leave_outputs_unchanged(checkpoint, family):
+    path = checkpoint(family)
+    engine = Engine(path, kv_cache_bytes=1 << 22, block_size=4)
+    shared = engine.tokenizer.encode("Paged attention stores keys and values in fixed-size blocks. " * 2)
+    prompts = [shared + engine.tokenizer.encode(tail) for tail in ("The quick brown fox", "0", "नमस्ते", "def")]
+    params = SamplingParams(max_tokens=MAX_TOKENS, temperature=0.0)
+    first = engine.generate(prompts, params)
+    hits_first = engine.stats.num_cached_prompt_tokens
+    second = engine.generate(prompts, params)
+    # The second pass finds every full prompt block (all but the last token) in the cache.
+    expected = sum((len(p) - 1) // 4 * 4 for p in prompts)
+    assert engine.stats.num_cached_prompt_tokens - hits_first == expected
+    off = Engine(path, kv_cache_bytes=1 << 22, block_size=4, enable_prefix_caching=False).generate(prompts, params)
+    for ids, a, b, c in zip(prompts, first, second, off):
+        ref = hf_greedy(path, ids, MAX_TOKENS)
+        assert a.token_ids == b.token_ids == c.token_ids == ref

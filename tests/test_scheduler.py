@@ -619,6 +619,7 @@ config_strategy = st.fixed_dictionaries({
     "max_num_seqs": st.integers(1, 5),
     "max_num_batched_tokens": st.integers(1, 16),
     "max_model_len": st.integers(8, 24),
+    "prefix_caching": st.booleans(),
 })
 STOP_TOKEN = 3           # for requests that ask for it; EOS is 0; 1, 2, 4..9 are ordinary
 
@@ -633,6 +634,9 @@ def _check_invariants(sched: Scheduler, all_seqs: list[Sequence]) -> None:
     assert [s.arrival for s in waiting] == sorted(s.arrival for s in waiting)
     assert len(running) <= sched.max_num_seqs
     check_blocks(sched, all_seqs)
+    for h, block in bm.cached.items():   # the prefix cache names each block at most once
+        assert bm.block_hash[block] == h
+    assert len(bm.block_hash) == len(bm.cached)
     live_ids = {id(s) for s in live}
     for s in all_seqs:
         assert s.num_computed_tokens <= s.num_tokens
@@ -697,7 +701,7 @@ def _step_and_check(sched: Scheduler, all_seqs: list[Sequence], tokens: list[int
 @settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(config=config_strategy, ops=ops_strategy)
 def test_scheduler_invariants_and_liveness(config, ops):
-    bm = BlockManager(config["num_blocks"], config["block_size"])
+    bm = BlockManager(config["num_blocks"], config["block_size"], config["prefix_caching"])
     sched = Scheduler(bm, config["max_num_seqs"], config["max_num_batched_tokens"],
                       config["max_model_len"], {EOS})
     all_seqs: list[Sequence] = []

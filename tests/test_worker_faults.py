@@ -8,6 +8,7 @@ token, whatever died on the way.
 
 from __future__ import annotations
 
+import re
 import signal
 import threading
 import time
@@ -463,6 +464,9 @@ def test_redis_restart_with_aof_no_job_lost(aof_redis_server, start_worker):
     check_drained(client.redis)
     out = worker.output()
     assert out.count(" serving ") >= 2, "the worker never reconnected\n" + out[-3000:]
+    delays = [float(d) for d in re.findall(r"redis unavailable .*; retrying in ([0-9.]+)s", out)]
+    assert len(delays) >= 2 and delays[0] == 0.1 and delays == sorted(delays) and delays[-1] > delays[0], \
+        f"no exponential backoff: {delays}"
     assert worker.proc.poll() is None
 
 
@@ -557,7 +561,7 @@ def test_sigterm_while_redis_down_exits_after_drain_timeout(redis_server, start_
     wait_until(lambda: "redis unavailable" in worker.output(), 15, "the worker to notice Redis is down",
                on_fail=lambda: logs(worker), exc=SetupError)
     worker.signal(signal.SIGTERM)
-    assert wait_exit(worker, 10) == 0, logs(worker)
+    assert wait_exit(worker, 8) == 0, logs(worker)
 
 
 @pytest.mark.xfail(strict=True, raises=AssertionError, reason=(
@@ -569,7 +573,7 @@ def test_paused_worker_does_not_publish_over_the_reclaimer(redis_server, start_w
     paused = start_worker(url, name="w0", reclaim_idle_s=2)
     tap = tap_factory(url)
     client = Client(url)
-    params = dict(LONG, max_tokens=400)
+    params = LONG
     rids = [client.submit(f"paused {i}", dict(params, seed=600 + i), request_id=f"paused-{i}") for i in range(3)]
     wait_until(lambda: all(len(streamed_tokens(raw_events(client.redis, rid))) >= 20 for rid in rids), 60,
                "all requests streaming on w0", on_fail=lambda: logs(paused), exc=SetupError)
@@ -585,7 +589,7 @@ def test_paused_worker_does_not_publish_over_the_reclaimer(redis_server, start_w
     results = collect_results(client, rids, timeout=60, on_fail=lambda: logs(paused, other))
     # The resumed w0 must not publish any more. A correct worker stays silent, so this wait is
     # bounded and not an error when it runs out; the buggy one finishes its copies meanwhile.
-    poll(lambda: all(sum(e.finished for e in raw_events(client.redis, rid)) >= 2 for rid in rids), 8)
+    poll(lambda: tap.conflicts or any(sum(e.finished for e in raw_events(client.redis, rid)) >= 2 for rid in rids), 3)
     assert not tap.conflicts, (f"{len(tap.conflicts)} conflicting events, e.g. "
                                f"{[(a.request_id, a.index, a.token_ids, b.token_ids) for a, b in tap.conflicts[:3]]}")
     for rid in rids:
