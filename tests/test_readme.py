@@ -83,3 +83,35 @@ def test_cli_reports_bad_model_cleanly():
     result = subprocess.run(PRAVAHA + ["generate", "hi", "--model", "dummy:nope"], cwd=ROOT,
                             capture_output=True, text=True, timeout=120)
     assert result.returncode == 2 and "unknown dummy preset 'nope'" in result.stderr
+
+
+def test_bulk_commands_run(tmp_path, redis_server):
+    import json
+
+    lines = [{"custom_id": f"c{i}", "method": "POST", "url": "/v1/completions",
+              "body": {"prompt": f"line {i}", "max_tokens": 4}} for i in range(5)]
+    (tmp_path / "in.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines))
+    bulk = [c for c in commands() if c[0] == "bulk"]
+    assert len(bulk) == 3
+    embedded, via_redis, rq = bulk
+    env = dict(os.environ, PYTHONPATH=ROOT)
+    result = subprocess.run(PRAVAHA + embedded, cwd=tmp_path, capture_output=True, text=True, timeout=300, env=env)
+    assert result.returncode == 0, result.stderr
+    assert len((tmp_path / "out.jsonl").read_text().splitlines()) == 5
+    (tmp_path / "out.jsonl").unlink()
+    worker = subprocess.Popen(PRAVAHA + ["worker", "--redis-url", redis_server.url, "--metrics-port", "-1",
+                                         "--kv-cache-bytes", str(8 << 20)], cwd=ROOT, stdout=subprocess.DEVNULL,
+                              stderr=subprocess.DEVNULL)
+    try:
+        args = [a.replace(DEFAULT_URL, redis_server.url) for a in via_redis]
+        result = subprocess.run(PRAVAHA + args, cwd=tmp_path, capture_output=True, text=True, timeout=300, env=env)
+        assert result.returncode == 0, result.stderr
+        outs = [json.loads(x) for x in (tmp_path / "out.jsonl").read_text().splitlines()]
+        assert sorted(o["custom_id"] for o in outs) == [f"c{i}" for i in range(5)]
+        assert all(o["error"] is None for o in outs)
+        args = [a.replace(DEFAULT_URL, redis_server.url) for a in rq]
+        result = subprocess.run(PRAVAHA + args, cwd=tmp_path, capture_output=True, text=True, timeout=120, env=env)
+        assert result.returncode == 0 and "pravaha-bulk" in result.stdout
+    finally:
+        worker.terminate()
+        worker.wait(60)

@@ -483,8 +483,8 @@ def test_max_deliveries_dead_letters_and_worker_keeps_serving(redis_server, star
     r = redis_server.client()
     client = Client(url)
     r.xgroup_create(NAMES.stream, NAMES.group, id="0", mkstream=True)
-    poison = client.submit("poison", {"max_tokens": 8}, request_id="poison")
-    boundary = client.submit("boundary", {"max_tokens": 8}, request_id="boundary")
+    poison = client.submit("poison", {"max_tokens": 8, "ignore_eos": True}, request_id="poison")
+    boundary = client.submit("boundary", {"max_tokens": 8, "ignore_eos": True}, request_id="boundary")
     claimed = r.xreadgroup(NAMES.group, "ghost", {NAMES.stream: ">"}, count=10)[0][1]   # delivery 1
     ids = {decode(fields[b"job"], Job).request_id: eid.decode() for eid, fields in claimed}
     payload = {decode(fields[b"job"], Job).request_id: fields[b"job"] for _, fields in claimed}
@@ -516,7 +516,7 @@ def test_max_deliveries_dead_letters_and_worker_keeps_serving(redis_server, star
     ok = collect_results(client, [boundary], timeout=30, on_fail=lambda: logs(worker))[boundary]
     assert ok.finish_reason == "length" and len(ok.token_ids) == 8 and ok.worker == "w0", (ok, logs(worker))
     # The worker keeps serving new work.
-    fresh = client.generate("after the poison", {"max_tokens": 8}, timeout=30)
+    fresh = client.generate("after the poison", {"max_tokens": 8, "ignore_eos": True}, timeout=30)
     assert fresh.finish_reason == "length" and len(fresh.token_ids) == 8 and fresh.worker == "w0"
     wait_until(lambda: r.xlen(NAMES.stream) == 0 and pending(r) == [], 10, "the stream to empty",
                on_fail=lambda: (pending(r), logs(worker)))
