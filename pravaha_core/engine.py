@@ -76,9 +76,15 @@ class Engine:
         return num_blocks
 
     # ---- serving API -------------------------------------------------------------------
-    def add_request(self, request_id: str, prompt: Prompt, params: SamplingParams | dict | None = None) -> None:
+    def add_request(self, request_id: str, prompt: Prompt, params: SamplingParams | dict | None = None,
+                    output_prefix: list[int] | None = None) -> None:
         """Queue a request. Bad arguments raise ValueError; a request that can never fit is
-        accepted and reported by the next `step()` with finish_reason "error"."""
+        accepted and reported by the next `step()` with finish_reason "error".
+
+        `output_prefix`: tokens this request already generated (e.g. streamed by a worker that
+        died). They count as output (max_tokens, min_tokens, penalties, the seeded draw's
+        position), so generation continues exactly where it stopped; they are not reported again.
+        """
         if not isinstance(request_id, str) or not request_id:
             raise ValueError("request_id: must be a non-empty string")
         if request_id in self._requests:
@@ -86,6 +92,10 @@ class Engine:
         params = _params(params)
         seed = params.seed if params.seed is not None else self._seeds.getrandbits(64)
         seq = Sequence(request_id, self._token_ids(prompt), params, seed=seed)
+        if output_prefix:
+            if params.n != 1 or len(output_prefix) >= params.max_tokens:
+                raise ValueError("output_prefix: needs n == 1 and fewer tokens than max_tokens")
+            seq.token_ids += self._token_ids(list(output_prefix))
         self.scheduler.add(seq)
         req = _Request(seq.prompt_token_ids)
         for s in [seq] + seq.pending_forks:

@@ -16,11 +16,12 @@ class CompletionStream:
 
     def __init__(self, seq: Sequence, tokenizer: Tokenizer):
         self.seq = seq
-        self.detok = IncrementalDetokenizer(tokenizer, seq.prompt_token_ids, seq.params.skip_special_tokens)
-        self.text = ""                 # the completion's text so far (cut at a stop string)
-        self.num_decoded = 0           # output tokens fed to the detokenizer
+        # Output the sequence starts with (an engine output_prefix) is context, not news.
+        self.detok = IncrementalDetokenizer(tokenizer, seq.token_ids, seq.params.skip_special_tokens)
+        self.text = ""                 # the completion's new text so far (cut at a stop string)
+        self.num_decoded = seq.num_output_tokens   # output tokens fed to the detokenizer
         self.num_sent_chars = 0
-        self.num_sent_tokens = 0
+        self.num_sent_tokens = seq.num_output_tokens
         self.pending_logprobs: list[dict[int, float]] = []
         self.stopped_by_string = False
 

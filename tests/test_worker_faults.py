@@ -27,7 +27,7 @@ LONG = {"max_tokens": 200, "ignore_eos": True, "temperature": 1.0}   # + a seed 
 # ---- helpers ------------------------------------------------------------------------------
 class SetupError(Exception):
     """The scenario could not be staged (e.g. the fault came too late). Deliberately not an
-    AssertionError, so an xfail(raises=AssertionError) test cannot pass vacuously on it."""
+    AssertionError, so a broken scenario is never mistaken for a failed check."""
 
 
 def require(condition, message: str) -> None:
@@ -526,10 +526,6 @@ def test_max_deliveries_dead_letters_and_worker_keeps_serving(redis_server, star
 
 
 # ---- known bugs: each test asserts the contract and is expected to fail until fixed -----------
-@pytest.mark.xfail(strict=True, raises=AssertionError, reason=(
-    "worker/service.py Worker._resume: a multi-sample (n>1) request redelivered after a crash starts "
-    "over with offsets from 0 but indices continuing, so its replay stream holds the dead worker's "
-    "partial tokens followed by the full regenerated completion: replay != result"))
 def test_sigkill_multi_sample_request_replay_matches_result(redis_server, start_worker):
     url = redis_server.url
     first = start_worker(url, name="w0", reclaim_idle_s=2)
@@ -552,9 +548,6 @@ def test_sigkill_multi_sample_request_replay_matches_result(redis_server, start_
         check_replay(client, rid, results[rid])
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError, reason=(
-    "worker/service.py Worker.run: while Redis is unreachable every loop pass fails in _flush/_connect "
-    "before the `stopping` check, so SIGTERM (and the drain timeout) is ignored and the worker never exits"))
 def test_sigterm_while_redis_down_exits_after_drain_timeout(redis_server, start_worker):
     worker = start_worker(redis_server.url, name="w0", drain_timeout_s=1)
     redis_server.kill()
@@ -564,10 +557,6 @@ def test_sigterm_while_redis_down_exits_after_drain_timeout(redis_server, start_
     assert wait_exit(worker, 8) == 0, logs(worker)
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError, reason=(
-    "worker/service.py Worker._housekeeping/_publish: a worker paused past reclaim_idle_s keeps generating "
-    "after it resumes, XCLAIMs the entry back (min-idle 0, no ownership check) and publishes events and a "
-    "result over the worker that reclaimed it: conflicting events, two finished events, result overwritten"))
 def test_paused_worker_does_not_publish_over_the_reclaimer(redis_server, start_worker, tap_factory):
     url = redis_server.url
     paused = start_worker(url, name="w0", reclaim_idle_s=2)
@@ -598,10 +587,6 @@ def test_paused_worker_does_not_publish_over_the_reclaimer(redis_server, start_w
         check_events_match(raw_events(client.redis, rid), res, "raw replay record")
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError, reason=(
-    "worker/service.py Worker._resume feeds the streamed tokens back as prompt, so the engine's seeded "
-    "draw (a hash of seed and *output* position, pravaha_core/sampler.py) restarts at position 0: a "
-    "redelivered seeded request continues with different tokens than an uninterrupted run"))
 def test_resumed_seeded_request_matches_uninterrupted_run(redis_server, start_worker):
     url = redis_server.url
     first = start_worker(url, name="w0", reclaim_idle_s=2)
@@ -627,10 +612,6 @@ def test_resumed_seeded_request_matches_uninterrupted_run(redis_server, start_wo
                                f"(resumed after {len(streamed)})"
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError, reason=(
-    "worker/service.py Worker._reject: dead-lettering a request that already streamed tokens emits its "
-    "error event at offset 0 and stores a result with no tokens, so the replay stream (tokens + error) "
-    "disagrees with the final result"))
 def test_dead_letter_after_partial_stream_is_consistent(redis_server, start_worker):
     url = redis_server.url
     first = start_worker(url, name="w0", reclaim_idle_s=2)

@@ -40,6 +40,7 @@ class Inflight:
     first_token_at: float | None = None
     completions: dict[int, Completion] = field(default_factory=dict)
     next_index: dict[int, int] = field(default_factory=dict)
+    replayed: dict[int, list[int]] = field(default_factory=dict)   # sample -> [tokens, chars] to skip
 
     def completion(self, sample: int) -> Completion:
         return self.completions.setdefault(sample, Completion(index=sample, token_ids=[], text="",
@@ -84,16 +85,19 @@ class Worker:
         health = HealthServer(self, self.config.metrics_port).start() if self.config.metrics_port >= 0 else None
         drain_until = None
         while True:
-            self.last_loop_at = time.monotonic()
+            now, stalled = time.monotonic(), time.monotonic() - self.last_loop_at > self._lease_ttl / 2
+            self.last_loop_at = now
+            if self.stopping:
+                drain_until = drain_until or now + self.config.drain_timeout_s
+                if not self.inflight or now > drain_until:
+                    break
             try:
+                if stalled and self.inflight:   # paused past our leases: others may own our work now
+                    self._drop_lost_requests()
                 self._flush()
                 if not self.ready:
                     self._connect()
-                if self.stopping:
-                    drain_until = drain_until or time.monotonic() + self.config.drain_timeout_s
-                    if not self.inflight or time.monotonic() > drain_until:
-                        break
-                else:
+                if not self.stopping:
                     self._admit(self._read(), reclaimed=False)
                 self._housekeeping()
                 self._apply_cancels()
@@ -101,7 +105,7 @@ class Worker:
                     self._publish(self._step())
                 self._backoff = 0.1
             except REDIS_DOWN as exc:
-                self._wait_for_redis(exc)
+                self._wait_for_redis(exc, drain_until)
         self._release_unfinished()
         if health:
             health.stop()
@@ -137,13 +141,16 @@ class Worker:
         self.ready = True
         log.info("worker %s serving %s (group %s)", self.config.consumer, self.names.stream, self.names.group)
 
-    def _wait_for_redis(self, exc: Exception) -> None:
+    def _wait_for_redis(self, exc: Exception, drain_until: float | None) -> None:
         log.warning("redis unavailable (%s); retrying in %.1fs", exc, self._backoff)
         self.ready = False
         if self._cancels is not None:
             self._cancels.close()
             self._cancels = None
-        time.sleep(self._backoff * (0.5 + random.random()))
+        pause = self._backoff * (0.5 + random.random())
+        if drain_until is not None:   # draining: never sleep past the drain deadline
+            pause = max(0.0, min(pause, drain_until - time.monotonic()))
+        time.sleep(pause)
         self._backoff = min(self._backoff * 2, 5.0)
 
     def _read(self) -> list:
@@ -160,7 +167,7 @@ class Worker:
         if not self.outbox:
             return
         pipe = self.redis.pipeline(transaction=True)
-        for write in self.outbox:
+        for _, write in self.outbox:
             write(pipe)
         pipe.execute()
         self.outbox = []
@@ -172,6 +179,8 @@ class Worker:
             return
         self._next_housekeeping = now + min(5.0, self.config.reclaim_idle_s / 3)
         if self.inflight:   # reset idle time so no one reclaims work we are still doing
+            self._drop_lost_requests()
+        if self.inflight:
             pipe = self.redis.pipeline(transaction=False)
             pipe.xclaim(self.names.stream, self.names.group, self.config.consumer, 0,
                         [r.entry_id for r in self.inflight.values()], justid=True)
@@ -185,6 +194,22 @@ class Worker:
             if _id(info["name"]) == self.names.group:
                 self.metrics.lag.set(info.get("lag") or 0)
                 self.metrics.pending.set(info.get("pending") or 0)
+
+    def _drop_lost_requests(self) -> None:
+        """Requests whose lease another worker now holds (we stalled past it) are theirs:
+        stop them here and write nothing more for them."""
+        rids = list(self.inflight)
+        owners = self.redis.mget([self.names.lease(r) for r in rids])
+        done = self.redis.mget([self.names.result(r) for r in rids])
+        mine = self.config.consumer.encode()
+        lost = {rid for rid, owner, result in zip(rids, owners, done)
+                if result is not None or (owner is not None and owner != mine)}
+        for rid in lost:
+            log.warning("request %s was taken over by another worker while this one stalled; dropping it", rid)
+            self.engine.abort(rid)
+            del self.inflight[rid]
+        if lost:
+            self.outbox = [(rid, write) for rid, write in self.outbox if rid not in lost]
 
     def _reclaim(self) -> None:
         count = self.engine.num_admittable()
@@ -241,7 +266,7 @@ class Worker:
         for i, (eid, job, payload) in sorted(enumerate(jobs), key=lambda x: -x[1][1].priority):
             done, cancelled, prior, leased = state[4 * i: 4 * i + 4]
             if done or not leased:   # finished already, or a duplicate another worker is running
-                self.outbox.append(lambda p, e=eid: self._ack(p, e))
+                self.outbox.append((None, lambda p, e=eid: self._ack(p, e)))
             else:
                 self._start(eid, job, payload, bool(cancelled), prior)
 
@@ -255,10 +280,10 @@ class Worker:
             if cancelled or (job.deadline is not None and time.time() > job.deadline):
                 self._finish_now(req, "abort" if cancelled else "error", None if cancelled else "deadline exceeded")
                 return
-            prompt, params = self._resume(req, prompt, params, prior)
-            if params is None:
+            prefix = self._resume(req, params, prior)
+            if prefix is None:
                 return
-            self.engine.add_request(rid, prompt, params)
+            self.engine.add_request(rid, prompt, params, output_prefix=prefix)
             self.inflight[rid] = req
             self.metrics.prompt_tokens.inc(len(prompt))
         except ValueError as exc:
@@ -271,24 +296,33 @@ class Worker:
             return self.engine.tokenizer.apply_chat_template(job.messages)
         return self.engine.tokenizer.encode(job.prompt) if isinstance(job.prompt, str) else job.prompt
 
-    def _resume(self, req: Inflight, prompt: list[int], params: SamplingParams, prior: list[TokenEvent]):
-        """Carry on after events an earlier delivery published (single-sample requests);
-        a multi-sample request starts over, its events keeping their indices."""
-        for event in prior:
-            req.next_index[event.sample] = max(req.next_index.get(event.sample, 0), event.index + 1)
-        if not prior or req.num_samples > 1:
-            return prompt, params
+    def _resume(self, req: Inflight, params: SamplingParams, prior: list[TokenEvent]) -> list[int] | None:
+        """Carry on after the events an earlier delivery published. One sample: the engine
+        continues from those tokens (returned as its output prefix; None: nothing left to
+        do). Several: they are generated again from their fixed seeds and what was already
+        published is not published twice."""
+        self._absorb_prior(req, prior)
+        if not prior:
+            return []
         done = req.completion(0)
-        for event in sorted(prior, key=lambda e: e.index):
-            _extend(done, event.token_ids, event.text, event.logprobs)
-        left = params.max_tokens - len(done.token_ids)
-        if left <= 0:
+        if req.num_samples > 1:
+            req.replayed = {i: [len(c.token_ids), len(c.text)] for i, c in req.completions.items()}
+            return []
+        if len(done.token_ids) >= params.max_tokens:
             self._finish_now(req, "length", None)
-            return prompt, None
+            return None
         log.info("resuming %s after %d tokens", req.request_id, len(done.token_ids))
-        params.max_tokens = left
-        params.min_tokens = max(0, params.min_tokens - len(done.token_ids))
-        return prompt + done.token_ids, params
+        return done.token_ids
+
+    def _absorb_prior(self, req: Inflight, prior: list[TokenEvent]) -> None:
+        for event in sorted(prior, key=lambda e: (e.sample, e.index)):
+            if event.index < req.next_index.get(event.sample, 0):
+                continue   # a write that was retried
+            req.next_index[event.sample] = event.index + 1
+            done = req.completion(event.sample)
+            _extend(done, event.token_ids, event.text, event.logprobs)
+            if event.finished:
+                done.finish_reason, done.error = event.finish_reason, event.error
 
     # ---- output ----------------------------------------------------------------------
     def _publish(self, outputs) -> None:
@@ -298,9 +332,23 @@ class Worker:
             if req is None:
                 continue
             for c in out.outputs:
-                self._emit(req, c.index, c.token_ids, c.text, c.finish_reason, c.error, c.logprobs)
+                token_ids, text, logprobs = self._unpublished(req, c)
+                if token_ids or text or c.finish_reason is not None:
+                    self._emit(req, c.index, token_ids, text, c.finish_reason, c.error, logprobs)
             if out.finished:
                 self._complete(req)
+
+    def _unpublished(self, req: Inflight, c):
+        """The part of a regenerated sample's delta not published by an earlier delivery."""
+        skip = req.replayed.get(c.index)
+        if skip is None:
+            return c.token_ids, c.text, c.logprobs
+        if req.completion(c.index).finish_reason is not None and c.finish_reason is None:
+            return [], "", None   # this sample had finished before: nothing new until the end
+        k, m = min(skip[0], len(c.token_ids)), min(skip[1], len(c.text))
+        skip[0] -= k
+        skip[1] -= m
+        return c.token_ids[k:], c.text[m:], None if c.logprobs is None else c.logprobs[k:]
 
     def _emit(self, req: Inflight, sample: int, token_ids, text, finish_reason, error, logprobs=None) -> None:
         done = req.completion(sample)
@@ -319,9 +367,9 @@ class Worker:
         if event.finished:
             event.usage = req.usage()
         rid, data = req.request_id, encode(event)
-        self.outbox.append(lambda p: (p.publish(self.names.channel(rid), data),
-                                      p.xadd(self.names.events(rid), {"event": data}),
-                                      p.expire(self.names.events(rid), self.config.result_ttl_s)))
+        self.outbox.append((rid, lambda p: (p.publish(self.names.channel(rid), data),
+                                            p.xadd(self.names.events(rid), {"event": data}),
+                                            p.expire(self.names.events(rid), self.config.result_ttl_s))))
 
     def _complete(self, req: Inflight) -> None:
         """Store the result, then ack; an engine-side error (e.g. too long) also dead-letters."""
@@ -330,13 +378,13 @@ class Worker:
         result = Result(request_id=rid, completions=[req.completions[i] for i in sorted(req.completions)],
                         usage=req.usage(), worker=self.config.consumer, finished_at=time.time())
         data, eid = encode(result), req.entry_id
-        self.outbox.append(lambda p: (p.set(self.names.result(rid), data, ex=self.config.result_ttl_s),
-                                      self._ack(p, eid), p.delete(self.names.lease(rid))))
+        self.outbox.append((rid, lambda p: (p.set(self.names.result(rid), data, ex=self.config.result_ttl_s),
+                                            self._ack(p, eid), p.delete(self.names.lease(rid)))))
         first = result.completions[0]
         self._observe_finish(req, first)
         if first.finish_reason == "error" and first.error != "deadline exceeded":
             self.metrics.failed.labels("engine_error").inc()
-            self.outbox.append(self._dead_letter_write(eid, rid, req.payload, first.error, 1))
+            self.outbox.append((rid, self._dead_letter_write(eid, rid, req.payload, first.error, 1)))
 
     def _observe_finish(self, req: Inflight, first: Completion) -> None:
         now = time.time()
@@ -358,13 +406,14 @@ class Worker:
         self.metrics.failed.labels(category).inc()
         if rid is not None:
             req = Inflight(rid, entry_id, payload, 1, 0)
-            req.next_index[0] = self.redis.xlen(self.names.events(rid))   # after any earlier events
+            prior = self.redis.xrange(self.names.events(rid))   # what an earlier delivery streamed
+            self._absorb_prior(req, [decode(f[b"event"], TokenEvent) for _, f in prior])
             self._emit(req, 0, [], "", "error", reason)
             result = Result(request_id=rid, completions=[req.completions[0]], usage=req.usage(),
                             worker=self.config.consumer, finished_at=time.time())
             data = encode(result)
-            self.outbox.append(lambda p: p.set(self.names.result(rid), data, ex=self.config.result_ttl_s))
-        self.outbox.append(self._dead_letter_write(entry_id, rid, payload, reason, deliveries))
+            self.outbox.append((rid, lambda p: p.set(self.names.result(rid), data, ex=self.config.result_ttl_s)))
+        self.outbox.append((rid, self._dead_letter_write(entry_id, rid, payload, reason, deliveries)))
         log.warning("dead-lettered %s (request %s): %s", entry_id, rid, reason)
 
     def _dead_letter_write(self, entry_id: str, rid: str | None, payload: bytes, reason: str, deliveries: int):
@@ -395,7 +444,7 @@ class Worker:
         """Drain timed out: drop what is unfinished without acking; another worker resumes it."""
         for rid in list(self.inflight):
             self.engine.abort(rid)
-            self.outbox.append(lambda p, r=rid: p.delete(self.names.lease(r)))
+            self.outbox.append((rid, lambda p, r=rid: p.delete(self.names.lease(r))))
             log.warning("left %s pending for another worker", rid)
         self.inflight.clear()
         self.engine.step()   # consume the abort reports
