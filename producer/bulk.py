@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 
 import redis
 
-from .client import Client, QueueFull
+from .client import Client, QueueFull, check_prompt
 from .wire import Result, decode
 
 COMPLETIONS, CHAT = "/v1/completions", "/v1/chat/completions"
@@ -66,6 +66,10 @@ def parse_line(raw: bytes, line_no: int) -> BulkRequest:
         raise LineError("invalid_json", f"line {line_no + 1} is not JSON: {exc}") from None
     if not isinstance(obj, dict):
         raise LineError("invalid_request", "line is not a JSON object")
+    try:
+        json.dumps(obj, ensure_ascii=False).encode()
+    except UnicodeEncodeError:
+        raise LineError("invalid_request", "line holds an unpaired surrogate (\\ud800-\\udfff escape)") from None
     custom_id = obj.get("custom_id")
     if not isinstance(custom_id, str) or not custom_id:
         raise LineError("invalid_request", "custom_id: missing or not a non-empty string")
@@ -101,12 +105,14 @@ def _request(line_no: int, custom_id: str, url: str, body: dict) -> BulkRequest:
         params["logprobs"] = body["logprobs"]
     _check_params(params)
     model = body.get("model") if isinstance(body.get("model"), str) else ""
-    if chat:
-        return BulkRequest(line_no, custom_id, url, model, params, messages=body.get("messages"))
-    prompt = body.get("prompt")
+    prompt, messages = (None, body.get("messages")) if chat else (body.get("prompt"), None)
     if isinstance(prompt, list) and prompt and all(isinstance(p, str) for p in prompt):
         raise LineError("invalid_request", "body.prompt: a list of prompts is not supported; one prompt per line")
-    return BulkRequest(line_no, custom_id, url, model, params, prompt=prompt)
+    try:
+        check_prompt(prompt, messages)
+    except ValueError as exc:
+        raise LineError("invalid_request", f"body.{exc}") from None
+    return BulkRequest(line_no, custom_id, url, model, params, prompt=prompt, messages=messages)
 
 
 def _check_params(params: dict) -> None:
@@ -255,6 +261,7 @@ class _Run:
     pending: dict[str, BulkRequest] = field(default_factory=dict)
     summary: Summary | None = None
     created: int = field(default_factory=lambda: int(time.time()))
+    last_poll: float = 0.0
 
 
 def run_bulk(input_path: str, out_path: str, *, redis_url: str | None = None, model: str | None = None,
@@ -282,7 +289,8 @@ def run_bulk(input_path: str, out_path: str, *, redis_url: str | None = None, mo
         with open(input_path, "rb") as f:
             for line_no, raw in enumerate(f):
                 _feed(run, ids, line_no, raw)
-                _collect(run, block=len(run.pending) >= max_in_flight)
+                if len(run.pending) >= max_in_flight or time.monotonic() - run.last_poll > 0.05:
+                    _collect(run, block=len(run.pending) >= max_in_flight)
                 bar.update(out.num_done, run.summary.completion_tokens, time.monotonic() - started)
         while run.pending:
             _collect(run, block=True)
@@ -305,6 +313,8 @@ def _feed(run: _Run, ids: CustomIds, line_no: int, raw: bytes) -> None:
             raise LineError("duplicate_custom_id", f"custom_id {req.custom_id!r} already used on line {first + 1}",
                             req.custom_id)
     except LineError as err:
+        if err.custom_id is not None:   # a bad line still claims its custom_id
+            ids.first_line(err.custom_id, line_no)
         if not run.out.is_done(line_no):
             run.out.write(line_no, output_line(line_no, err.custom_id, None, {"code": err.code, "message": err.message}))
         return
@@ -333,6 +343,7 @@ def _submit(run: _Run, req: BulkRequest, collect: bool = True) -> None:
 
 def _collect(run: _Run, block: bool) -> None:
     """Write the lines whose results have arrived; with block, wait until at least one has."""
+    run.last_poll = time.monotonic()
     while run.pending:
         rids = list(run.pending)
         try:

@@ -40,6 +40,19 @@ def build_job(prompt: str | list[int] | None, params: SamplingParams | dict | No
     if sp.seed is None and sp.temperature > 0:
         # A fixed seed makes a redelivered job regenerate the same tokens on another worker.
         sp.seed = random.getrandbits(63)
+    check_prompt(prompt, messages)
+    if not isinstance(priority, int) or isinstance(priority, bool):
+        raise ValueError("priority: must be an integer")
+    if deadline_s is not None and (not isinstance(deadline_s, (int, float)) or deadline_s <= 0):
+        raise ValueError("deadline_s: must be a positive number of seconds")
+    now = time.time()
+    rid = check_request_id(request_id) if request_id is not None else uuid.uuid4().hex
+    return Job(request_id=rid, prompt=prompt, messages=messages, params=sp.to_dict(), priority=priority,
+               deadline=now + deadline_s if deadline_s else None, created_at=now)
+
+
+def check_prompt(prompt: object, messages: object) -> None:
+    """Exactly one of a non-empty prompt (text or token ids) and chat messages."""
     if messages is not None:
         if prompt is not None:
             raise ValueError("prompt: give either prompt or messages, not both")
@@ -49,14 +62,6 @@ def build_job(prompt: str | list[int] | None, params: SamplingParams | dict | No
     elif not (isinstance(prompt, str) and prompt) and not (
             isinstance(prompt, list) and prompt and all(isinstance(t, int) and not isinstance(t, bool) for t in prompt)):
         raise ValueError("prompt: must be a non-empty string or list of token ids")
-    if not isinstance(priority, int) or isinstance(priority, bool):
-        raise ValueError("priority: must be an integer")
-    if deadline_s is not None and (not isinstance(deadline_s, (int, float)) or deadline_s <= 0):
-        raise ValueError("deadline_s: must be a positive number of seconds")
-    now = time.time()
-    rid = check_request_id(request_id) if request_id is not None else uuid.uuid4().hex
-    return Job(request_id=rid, prompt=prompt, messages=messages, params=sp.to_dict(), priority=priority,
-               deadline=now + deadline_s if deadline_s else None, created_at=now)
 
 
 def result_as_events(result: Result) -> list[TokenEvent]:

@@ -411,8 +411,6 @@ def test_malformed_and_duplicate_lines_get_error_lines(cluster, tmp_path):
                         "generation_error": 1}
 
 
-@pytest.mark.xfail(strict=True, reason="producer/bulk.py: parse_line does not validate prompt/messages; the "
-                   "ValueError that Client.submit (build_job) raises for them escapes _feed and aborts the run")
 def test_bad_prompt_or_messages_get_error_lines(cluster, tmp_path):
     tag = "bad-prompt"
     lines = [
@@ -435,9 +433,6 @@ def test_bad_prompt_or_messages_get_error_lines(cluster, tmp_path):
         check_error_line(got[i], lines[i]["custom_id"], "invalid_request", word)
 
 
-@pytest.mark.xfail(strict=True, reason="producer/bulk.py: a lone UTF-16 surrogate (legal JSON escape) in a "
-                   "custom_id or prompt raises UnicodeEncodeError in the SQLite index / output_line / msgpack "
-                   "encoding, outside the LineError handling, and aborts the run")
 def test_lone_surrogate_lines_get_error_lines(cluster, tmp_path):
     lines = [
         completion("ok-0", "surrogate first", 2),
@@ -458,9 +453,6 @@ def test_lone_surrogate_lines_get_error_lines(cluster, tmp_path):
     assert got[2]["error"] is not None and got[2]["response"] is None
 
 
-@pytest.mark.xfail(strict=True, reason="producer/bulk.py _feed: a custom_id is registered for duplicate detection "
-                   "only after its line validates, so a later line reusing the custom_id of a malformed line is "
-                   "not flagged and the output holds that custom_id twice")
 def test_custom_id_of_a_malformed_line_counts_for_duplicates(cluster, tmp_path):
     lines = [
         {**completion("taken", "dup-of-malformed u", 2), "url": "/v1/embeddings"},

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 
 
@@ -94,6 +95,8 @@ def cmd_bulk(args: argparse.Namespace) -> int:
         print(f"enqueued RQ job {job.id} on queue pravaha-bulk; run it with: "
               f"rq worker pravaha-bulk -S json --url {args.redis_url}")
         return 0
+    if not os.path.isfile(args.input):
+        raise ValueError(f"input file {args.input!r} does not exist")
     summary = run_bulk(args.input, args.out, redis_url=args.redis_url, model=args.model,
                        max_in_flight=args.max_in_flight, stream=args.stream)
     print(summary.text())

@@ -106,6 +106,10 @@ class Worker:
                 self._backoff = 0.1
             except REDIS_DOWN as exc:
                 self._wait_for_redis(exc, drain_until)
+            except redis.ResponseError as exc:   # e.g. the stream or group was deleted under us
+                if "NOGROUP" not in str(exc) and "UNBLOCKED" not in str(exc):
+                    raise
+                self._wait_for_redis(exc, drain_until)
         self._release_unfinished()
         if health:
             health.stop()
