@@ -1,5 +1,5 @@
 // Decode attention straight from the paged KV cache, for CPUs: no gather, no padding.
-// One task per (sequence, KV head); each reads its keys and values once, through the block table.
+// One task per sequence; it reads each token's keys and values once, through the block table.
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 #include <algorithm>
@@ -38,45 +38,43 @@ void decode_kernel(const torch::Tensor& q, const torch::Tensor& k_cache, const t
   const int64_t* tp = block_tables.data_ptr<int64_t>();
   const int64_t* lp = context_lens.data_ptr<int64_t>();
   float* op = out.data_ptr<float>();
-  const int64_t slot_stride = num_kv_heads * head_dim;  // elements between consecutive tokens
+  const int64_t slot = num_kv_heads * head_dim;  // elements of one token's K (or V), all KV heads
 
-  at::parallel_for(0, batch * num_kv_heads, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> scores;
-    std::vector<float> acc(group * head_dim);
-    for (int64_t task = begin; task < end; ++task) {
-      const int64_t b = task / num_kv_heads, kvh = task % num_kv_heads;
+  // One task per sequence: each token's K and V slot (every KV head) is read once, in order.
+  at::parallel_for(0, batch, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> scores;                        // [num_heads, n]
+    std::vector<float> acc(num_heads * head_dim);
+    for (int64_t b = begin; b < end; ++b) {
       const int64_t ctx = lp[b];
       const int64_t first = window > 0 ? std::max<int64_t>(0, ctx - window) : 0;
       const int64_t n = ctx - first;
-      scores.assign(group * n, 0.f);
-      const float* qb = qp + (b * num_heads + kvh * group) * head_dim;
+      scores.assign(num_heads * n, 0.f);
+      const float* qb = qp + b * num_heads * head_dim;
       for (int64_t pos = first; pos < ctx; ++pos) {
-        const int64_t block = tp[b * max_blocks + pos / block_size];
-        const T* key = kp + (block * block_size + pos % block_size) * slot_stride + kvh * head_dim;
-        for (int64_t g = 0; g < group; ++g)
-          scores[g * n + (pos - first)] = dot(qb + g * head_dim, key, head_dim) * static_cast<float>(scale);
+        const T* key = kp + (tp[b * max_blocks + pos / block_size] * block_size + pos % block_size) * slot;
+        for (int64_t h = 0; h < num_heads; ++h)
+          scores[h * n + (pos - first)] =
+              dot(qb + h * head_dim, key + (h / group) * head_dim, head_dim) * static_cast<float>(scale);
       }
-      for (int64_t g = 0; g < group; ++g) {  // softmax per head
-        float* s = scores.data() + g * n;
-        const float mx = *std::max_element(s, s + n);
+      for (int64_t h = 0; h < num_heads; ++h) {  // softmax per head
+        float* sc = scores.data() + h * n;
+        const float mx = *std::max_element(sc, sc + n);
         float sum = 0;
-        for (int64_t i = 0; i < n; ++i) { s[i] = std::exp(s[i] - mx); sum += s[i]; }
+        for (int64_t i = 0; i < n; ++i) { sc[i] = std::exp(sc[i] - mx); sum += sc[i]; }
         const float inv = 1.f / sum;
-        for (int64_t i = 0; i < n; ++i) s[i] *= inv;
+        for (int64_t i = 0; i < n; ++i) sc[i] *= inv;
       }
       std::fill(acc.begin(), acc.end(), 0.f);
       for (int64_t pos = first; pos < ctx; ++pos) {
-        const int64_t block = tp[b * max_blocks + pos / block_size];
-        const T* value = vp + (block * block_size + pos % block_size) * slot_stride + kvh * head_dim;
-        for (int64_t g = 0; g < group; ++g) {
-          const float p = scores[g * n + (pos - first)];
-          float* a = acc.data() + g * head_dim;
-          for (int64_t i = 0; i < head_dim; ++i) a[i] += p * to_float(value[i]);
+        const T* value = vp + (tp[b * max_blocks + pos / block_size] * block_size + pos % block_size) * slot;
+        for (int64_t h = 0; h < num_heads; ++h) {
+          const float p = scores[h * n + (pos - first)];
+          const T* v = value + (h / group) * head_dim;
+          float* a = acc.data() + h * head_dim;
+          for (int64_t i = 0; i < head_dim; ++i) a[i] += p * to_float(v[i]);
         }
       }
-      for (int64_t g = 0; g < group; ++g)
-        std::copy(acc.begin() + g * head_dim, acc.begin() + (g + 1) * head_dim,
-                  op + (b * num_heads + kvh * group + g) * head_dim);
+      std::copy(acc.begin(), acc.end(), op + b * num_heads * head_dim);
     }
   });
 }
