@@ -115,3 +115,20 @@ def test_bulk_commands_run(tmp_path, redis_server):
     finally:
         worker.terminate()
         worker.wait(60)
+
+
+def test_quick_bench_command_runs(tmp_path):
+    import json
+
+    bench = [c for c in commands() if c[0] == "bench"]
+    assert bench == [["bench", "--quick", "--skip-hf"]]
+    env = dict(os.environ, PYTHONPATH=ROOT)
+    result = subprocess.run(PRAVAHA + bench[0], cwd=tmp_path, capture_output=True, text=True, timeout=600, env=env)
+    assert result.returncode == 0, result.stderr
+    assert "Pravaha Engine.generate" in result.stdout and "W2 (shared 512-token prefix)" in result.stdout
+    report = json.loads((tmp_path / "bench-results" / "bench.json").read_text())
+    assert report["workload"]["requests"] == 16
+    rows = {r["system"]: r for r in report["rows"]}
+    engine = rows["Pravaha Engine.generate"]
+    assert engine["tokens"] == report["workload"]["output_tokens"] and engine["tok_s"] > 0
+    assert report["kv_efficiency"]["paged_seqs"] > report["kv_efficiency"]["contiguous_seqs"]
