@@ -40,13 +40,18 @@ def cmd_generate(args: argparse.Namespace) -> int:
     engine = Engine(model=args.model, dtype=args.dtype, device=args.device, kv_cache_bytes=args.kv_cache_bytes,
                     max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
                     load_format=args.load_format)
-    for delta in engine.stream(args.prompt, SamplingParams(**sampling_dict(args))):
-        sys.stdout.write(delta.text)
+    return print_stream(engine.stream(args.prompt, SamplingParams(**sampling_dict(args))))
+
+
+def print_stream(parts) -> int:
+    """Write streamed text to stdout as it comes (anything with .text, .finished, .error)."""
+    for part in parts:
+        sys.stdout.write(part.text)
         sys.stdout.flush()
-        if delta.finished:
+        if part.finished:
             sys.stdout.write("\n")
-            if delta.error:
-                print(f"error: {delta.error}", file=sys.stderr)
+            if part.error:
+                print(f"error: {part.error}", file=sys.stderr)
                 return 1
     return 0
 
@@ -73,15 +78,7 @@ def cmd_submit(args: argparse.Namespace) -> int:
 
     client = Client(args.redis_url, stream=args.stream)
     rid = client.submit(args.prompt, sampling_dict(args), request_id=args.request_id)
-    for event in client.stream(rid, timeout=args.timeout):
-        sys.stdout.write(event.text)
-        sys.stdout.flush()
-        if event.finished:
-            sys.stdout.write("\n")
-            if event.error:
-                print(f"error: {event.error}", file=sys.stderr)
-                return 1
-    return 0
+    return print_stream(client.stream(rid, timeout=args.timeout))
 
 
 def cmd_bulk(args: argparse.Namespace) -> int:
