@@ -23,6 +23,7 @@ def paged_decode():
         from torch.utils.cpp_extension import load
 
         name = f"pravaha_paged_attention_{platform.machine()}"
+        log.info("loading the native paged-attention kernel (the first use on a machine compiles it: ~40 s)")
         return load(name=name, sources=[os.path.join(HERE, "paged_attention.cpp")],
                     extra_cflags=["-O3", "-march=native", "-fopenmp"], extra_ldflags=["-fopenmp"], verbose=False)
     except Exception as exc:  # noqa: BLE001 - any build failure means: use the torch path
