@@ -16,7 +16,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from pravaha_core import Engine, SamplingParams  # noqa: E402
 from pravaha_core.loader import PRESETS  # noqa: E402
 from tests.checkpoints import make_checkpoint  # noqa: E402
-from worker.bench import hf_model, model_flops, workload  # noqa: E402
+from worker.bench import bench_hf_generate_batch, hf_model, model_flops, workload  # noqa: E402
 
 
 def check_greedy() -> dict:
@@ -43,8 +43,6 @@ def check_greedy() -> dict:
 
 
 def bench_gpu(num: int = 512) -> dict:
-    from transformers import GenerationConfig
-
     reqs = workload(num)
     cfg = PRESETS["llama-135m"]
     engine = Engine("dummy:llama-135m", dtype="bfloat16", device="cuda", max_num_seqs=512,
@@ -58,14 +56,8 @@ def bench_gpu(num: int = 512) -> dict:
     ours = sum(len(o.token_ids) for o in outs) / (time.perf_counter() - t)
     del engine
     model = hf_model(cfg).to(torch.bfloat16).cuda()
-    longest = max(r.max_tokens for r in reqs)
-    gen = GenerationConfig(max_new_tokens=longest, min_new_tokens=longest, do_sample=False, eos_token_id=None,
-                           pad_token_id=0)
-    t = time.perf_counter()
-    with torch.no_grad():
-        model.generate_batch([r.prompt for r in reqs], generation_config=gen, progress_bar=False)
-    torch.cuda.synchronize()
-    hf = sum(r.max_tokens for r in reqs) / (time.perf_counter() - t)
+    row = bench_hf_generate_batch(model, reqs)   # returns once every output is back on the host
+    hf = row["tokens"] / row["seconds"]
     result = {"requests": num, "tflop": model_flops(cfg, reqs) / 1e12, "pravaha_tok_s": ours,
               "hf_generate_batch_tok_s": hf, "ratio": ours / hf, "device": torch.cuda.get_device_name()}
     print(json.dumps(result), flush=True)

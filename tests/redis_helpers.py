@@ -18,6 +18,19 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 HAVE_REDIS = shutil.which("redis-server") is not None
 
 
+def wait_until(cond, timeout: float, what: str, interval: float = 0.02, on_fail=None, exc=AssertionError):
+    """Poll `cond` until it returns something truthy (returned); `exc` after `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = cond()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            extra = f"\n{on_fail()}" if on_fail else ""
+            raise exc(f"timed out after {timeout}s waiting for {what}{extra}")
+        time.sleep(interval)
+
+
 def require_redis() -> None:
     if not HAVE_REDIS:
         if os.environ.get("PRAVAHA_REQUIRE_REDIS"):

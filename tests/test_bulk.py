@@ -26,7 +26,7 @@ import redis
 
 from producer.names import Names
 from producer.wire import Result, decode
-from tests.redis_helpers import ROOT, RedisServer, WorkerProcess, require_redis
+from tests.redis_helpers import ROOT, RedisServer, WorkerProcess, require_redis, wait_until
 
 NAMES = Names()
 SUMMARY = re.compile(r"(\d+) lines \(([^)]*)\); (\d+) already done before this run")
@@ -34,16 +34,6 @@ COMPLETIONS, CHAT = "/v1/completions", "/v1/chat/completions"
 
 
 # ---- helpers ------------------------------------------------------------------------------
-def wait_until(cond, timeout: float, what: str, interval: float = 0.05):
-    """Poll `cond` until it returns something truthy (returned); AssertionError after `timeout`."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = cond()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-        time.sleep(interval)
 
 
 def completion(cid: str, prompt, max_tokens: int = 4, **body) -> dict:

@@ -19,6 +19,7 @@ import redis
 
 from producer import Client, Names
 from producer.wire import Job, Result, TokenEvent, decode
+from tests.redis_helpers import wait_until
 
 NAMES = Names()
 LONG = {"max_tokens": 200, "ignore_eos": True, "temperature": 1.0}   # + a seed per request
@@ -35,17 +36,6 @@ def require(condition, message: str) -> None:
         raise SetupError(message)
 
 
-def wait_until(cond, timeout: float, what: str, interval: float = 0.02, on_fail=None, exc=AssertionError):
-    """Poll `cond` until it returns something truthy (returned); `exc` after `timeout`."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = cond()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            extra = f"\n{on_fail()}" if on_fail else ""
-            raise exc(f"timed out after {timeout}s waiting for {what}{extra}")
-        time.sleep(interval)
 
 
 def poll(cond, timeout: float, interval: float = 0.05) -> bool:

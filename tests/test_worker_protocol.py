@@ -24,7 +24,7 @@ import redis.asyncio as aioredis
 
 from producer import AsyncClient, Client, Names, QueueFull
 from producer.wire import Job, Result, TokenEvent, Usage, Completion, decode, encode
-from tests.redis_helpers import ROOT
+from tests.redis_helpers import ROOT, wait_until as wait_for
 from worker.service import Worker
 from worker.settings import WorkerConfig
 
@@ -33,16 +33,6 @@ GREEDY = {"temperature": 0.0}
 
 
 # ---- helpers ----------------------------------------------------------------------------
-def wait_for(condition, timeout: float, what: str, interval: float = 0.02):
-    """Poll `condition` until it returns something truthy; fail after `timeout` seconds."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = condition()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-        time.sleep(interval)
 
 
 class ThreadWorker:
