@@ -401,6 +401,15 @@ def test_malformed_and_duplicate_lines_get_error_lines(cluster, tmp_path):
                         "generation_error": 1}
 
 
+def run_lines(cluster, tmp_path, lines) -> dict:
+    """Bulk-run `lines` against the cluster; the output lines by input line number."""
+    write_jsonl(tmp_path / "in.jsonl", lines)
+    proc = Bulk(tmp_path, tmp_path / "in.jsonl", "--out", tmp_path / "out.jsonl", "--redis-url", cluster.url)
+    ran = proc.wait(90)
+    assert ran.rc == 0, f"bulk exited {ran.rc}\n{proc.text()}"
+    return by_line(read_output(tmp_path / "out.jsonl"), len(lines))
+
+
 def test_bad_prompt_or_messages_get_error_lines(cluster, tmp_path):
     tag = "bad-prompt"
     lines = [
@@ -412,11 +421,7 @@ def test_bad_prompt_or_messages_get_error_lines(cluster, tmp_path):
         chat("messages-not-a-list", "hello"),
         completion("ok-1", f"{tag} last", 2),
     ]
-    write_jsonl(tmp_path / "in.jsonl", lines)
-    proc = Bulk(tmp_path, tmp_path / "in.jsonl", "--out", tmp_path / "out.jsonl", "--redis-url", cluster.url)
-    ran = proc.wait(90)
-    assert ran.rc == 0, f"bulk exited {ran.rc}\n{proc.text()}"
-    got = by_line(read_output(tmp_path / "out.jsonl"), len(lines))
+    got = run_lines(cluster, tmp_path, lines)
     check_completion_line(got[0], "ok-0", 2)
     check_completion_line(got[6], "ok-1", 2)
     for i, word in [(1, "prompt"), (2, "prompt"), (3, "prompt"), (4, "messages"), (5, "messages")]:
@@ -432,11 +437,7 @@ def test_lone_surrogate_lines_get_error_lines(cluster, tmp_path):
         b'"body": {"prompt": "a \\udc00 b", "max_tokens": 2}}',
         completion("ok-1", "surrogate last", 2),
     ]
-    write_jsonl(tmp_path / "in.jsonl", lines)
-    proc = Bulk(tmp_path, tmp_path / "in.jsonl", "--out", tmp_path / "out.jsonl", "--redis-url", cluster.url)
-    ran = proc.wait(90)
-    assert ran.rc == 0, f"bulk exited {ran.rc}\n{proc.text()}"
-    got = by_line(read_output(tmp_path / "out.jsonl"), len(lines))
+    got = run_lines(cluster, tmp_path, lines)
     check_completion_line(got[0], "ok-0", 2)
     check_completion_line(got[3], "ok-1", 2)
     assert got[1]["error"] is not None and got[1]["response"] is None

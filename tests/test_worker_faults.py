@@ -249,6 +249,15 @@ def wait_tap_finished(tap: TokenTap, results: dict[str, Result], timeout: float 
 
 
 # ---- 1. many producers, two workers ---------------------------------------------------------
+
+def check_tap_matches(tap, results) -> None:
+    """Once every result's final event has come through pub/sub: no conflicting event, and
+    each request's live events add up to its result."""
+    wait_tap_finished(tap, results)
+    assert not tap.errors and not tap.conflicts, (tap.errors, tap.conflicts[:3])
+    for rid, res in results.items():
+        check_events_match(tap.of(rid), res, "pub/sub")
+
 def test_many_producers_two_workers_every_request_once(redis_server, start_worker, tap_factory, one_thread):
     url = redis_server.url
     workers = [start_worker(url, name=f"w{i}", max_num_seqs=4, reclaim_idle_s=30) for i in range(2)]
@@ -301,10 +310,7 @@ def test_many_producers_two_workers_every_request_once(redis_server, start_worke
         assert res.usage.completion_tokens == sum(len(c.token_ids) for c in res.completions)
         check_replay(client, rid, res)   # exactly one finished event per sample in the record
 
-    wait_tap_finished(tap, results)
-    assert not tap.errors and not tap.conflicts, (tap.errors, tap.conflicts[:3])
-    for rid, res in results.items():
-        check_events_match(tap.of(rid), res, "pub/sub")
+    check_tap_matches(tap, results)
     assert set(tap.events) == set(results), "pub/sub events for unknown requests"
 
     by_worker = defaultdict(int)
@@ -350,10 +356,7 @@ def test_sigkill_worker_mid_generation_survivor_resumes(redis_server, start_work
             assert f"resuming {rid} after {len(before)} tokens" in survivor_log, survivor_log[-3000:]
     assert "reclaimed" in survivor_log
 
-    wait_tap_finished(tap, results)
-    assert not tap.errors and not tap.conflicts, (tap.errors, tap.conflicts[:3])
-    for rid, res in results.items():
-        check_events_match(tap.of(rid), res, "pub/sub")
+    check_tap_matches(tap, results)
     check_drained(client.redis)
 
 
@@ -416,10 +419,7 @@ def test_sigterm_short_drain_leaves_pending_for_another_worker(redis_server, sta
         if rid in unfinished:
             assert res.worker == "w1"
             assert res.token_ids[:len(before[rid])] == before[rid], f"{rid}: result rewrites streamed tokens"
-    wait_tap_finished(tap, results)
-    assert not tap.errors and not tap.conflicts, (tap.errors, tap.conflicts[:3])
-    for rid, res in results.items():
-        check_events_match(tap.of(rid), res, "pub/sub")
+    check_tap_matches(tap, results)
     check_drained(client.redis)
 
 
