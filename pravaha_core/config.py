@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, fields
 
 SUPPORTED_DTYPES = ("float32", "float16", "bfloat16")
+QUANTIZATION_METHODS = ("int8", "gptq", "awq")
 
 # Default share of free memory given to the KV cache when `kv_cache_bytes` is None,
 # measured after the weights are loaded. CUDA: of free device memory. CPU: of the
@@ -18,6 +19,8 @@ class EngineConfig:
 
     model: local checkpoint directory, HF hub id, or `dummy:<preset>`.
     load_format: "auto" (read weights) or "dummy" (random weights for the checkpoint's config).
+    quantization: None, "int8" (quantize linear weights on load), "gptq" or "awq" (checkpoints in
+      those formats; detected from config.json's quantization_config when None).
     kv_cache_bytes: KV-cache budget in bytes; None means `kv_cache_fraction` of free memory.
     max_model_len: context limit; None means the model's own (max_position_embeddings).
     """
@@ -36,6 +39,7 @@ class EngineConfig:
     tokenizer: str | None = None
     native_kernels: bool = True      # the compiled CPU paged-decode kernel, when it builds
     enable_prefix_caching: bool = True
+    quantization: str | None = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.model, str) or not self.model:
@@ -53,6 +57,9 @@ class EngineConfig:
             raise ValueError(f"kv_cache_fraction: {self.kv_cache_fraction} is not in (0, 1]")
         if self.max_model_len is not None:
             _require_positive("max_model_len", self.max_model_len)
+        if self.quantization is not None and self.quantization not in QUANTIZATION_METHODS:
+            raise ValueError(f"quantization: {self.quantization!r} is not one of "
+                             f"{', '.join(QUANTIZATION_METHODS)} (or None)")
         if self.load_format not in ("auto", "dummy"):
             raise ValueError(f"load_format: {self.load_format!r} is not 'auto' or 'dummy'")
 

@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from . import quantization
 from .block_manager import BlockManager
 from .config import EngineConfig
 from .loader import load_model
@@ -48,6 +49,11 @@ class Engine:
             max_num_batched_tokens=max_num_batched_tokens, **kwargs)
         self.config = config
         loaded = load_model(config)
+        self._model_info = {"quantization": loaded.quant.method if loaded.quant else None,
+                            "dtype": config.dtype,
+                            "weight_bytes": quantization.weight_bytes(loaded.model),
+                            "linear_weight_bytes": quantization.linear_weight_bytes(loaded.model),
+                            "kernels": quantization.kernel_counts(loaded.model)}
         self.tokenizer = loaded.tokenizer
         self.max_model_len = loaded.max_model_len
         self.vocab_size = loaded.model.vocab_size
@@ -140,6 +146,12 @@ class Engine:
                 "bytes_total": bm.num_blocks * self.bytes_per_block,
                 "blocks_free": bm.num_free_blocks, "blocks_used": bm.num_blocks - bm.num_free_blocks,
                 "dtype": self.config.dtype}
+
+    def model_info(self) -> dict:
+        """quantization (method or None), dtype, weight_bytes (all parameters and buffers),
+        linear_weight_bytes (the part in linear layers, what quantization shrinks), and
+        kernels: how many quantized linear layers use each path (int4pack_mm, int8pack_mm, dequant)."""
+        return dict(self._model_info, kernels=dict(self._model_info["kernels"]))
 
     # ---- offline API -------------------------------------------------------------------
     def generate(self, prompts: list[Prompt], params: SamplingParams | list[SamplingParams] | None = None,

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from . import quantization
 from .config import EngineConfig
 from .models import context_length, model_class
 from .tokenizer import ByteTokenizer, HFTokenizer, Tokenizer
@@ -43,6 +44,7 @@ class LoadedModel:
     tokenizer: Tokenizer
     hf_config: dict
     max_model_len: int
+    quant: quantization.QuantSpec | None = None
 
 
 def load_model(config: EngineConfig) -> LoadedModel:
@@ -54,20 +56,32 @@ def load_model(config: EngineConfig) -> LoadedModel:
         hf_config = read_json(os.path.join(path, "config.json"))
     cls = model_class(hf_config)
     max_len = _max_model_len(hf_config, config.max_model_len)
+    dummy = path is None or config.load_format == "dummy"
+    spec = quantization.resolve(config.quantization, hf_config, from_preset=dummy)
+    packed = spec is not None and spec.method in ("gptq", "awq")
+    dtype = DTYPES[config.dtype]
     torch.manual_seed(config.seed)
     with torch.device(config.device):
         model = cls(hf_config, max_len)
-    model.to(DTYPES[config.dtype])
-    if path is None or config.load_format == "dummy":
+    model.to(dtype)
+    if dummy:
         init_dummy_weights(model, config.seed)
         tokenizer: Tokenizer = (ByteTokenizer(hf_config["vocab_size"]) if path is None
                                 else HFTokenizer(config.tokenizer or path, eos_ids(path, hf_config)))
     else:
+        if packed:
+            quantization.prepare(model, spec)
+        weights = iter_checkpoint(path)
         with torch.no_grad():
-            model.load_weights(iter_checkpoint(path))
+            model.load_weights(quantization.decode_checkpoint(weights, spec) if packed else weights)
         tokenizer = HFTokenizer(config.tokenizer or path, eos_ids(path, hf_config))
+    with torch.no_grad():
+        if spec is not None and dummy and packed:
+            quantization.quantize_rtn(model, spec, dtype)
+        elif spec is not None:
+            quantization.finalize(model, spec, dtype)
     model.eval()
-    return LoadedModel(model, tokenizer, hf_config, max_len)
+    return LoadedModel(model, tokenizer, hf_config, max_len, spec)
 
 
 def _preset(spec: str) -> dict:

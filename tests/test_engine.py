@@ -170,7 +170,7 @@ def test_llama_135m_preset_has_smollm2_shape():
     engine = Engine("dummy:llama-135m", kv_cache_bytes=1 << 22)
     m = engine.runner.model
     assert (m.num_layers, m.num_heads, m.num_kv_heads, m.head_dim, m.vocab_size) == (30, 9, 3, 64, 49152)
-    assert m.tie_word_embeddings and not hasattr(m, "lm_head")
+    assert m.tie_word_embeddings and m.lm_head is None
     assert sum(p.numel() for p in m.parameters()) == 134_515_008
     assert len(engine.generate(["hi"], SamplingParams(max_tokens=2))[0].token_ids) == 2
 

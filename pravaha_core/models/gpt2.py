@@ -72,6 +72,7 @@ class GPT2LMHeadModel(nn.Module):
         self.wpe = nn.Embedding(cfg["n_positions"], cfg["n_embd"])
         self.h = nn.ModuleList(GPT2Block(cfg, i) for i in range(self.num_layers))
         self.ln_f = nn.LayerNorm(cfg["n_embd"], eps=cfg.get("layer_norm_epsilon", 1e-5))
+        self.lm_head = None     # tied to wte; quantization may set a separate head
 
     def forward(self, input_ids, positions, meta: AttentionMetadata, kv_caches) -> torch.Tensor:
         """input_ids, positions: [T] -> hidden states [T, n_embd]."""
@@ -80,8 +81,14 @@ class GPT2LMHeadModel(nn.Module):
             x = block(x, meta, kv_cache)
         return self.ln_f(x)
 
+    @property
+    def tied_embedding(self) -> nn.Module | None:
+        return self.wte if self.lm_head is None else None
+
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        return F.linear(hidden, self.wte.weight)
+        if self.lm_head is None:
+            return F.linear(hidden, self.wte.weight)
+        return self.lm_head(hidden)
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
         def rename(name: str) -> str | None:

@@ -119,8 +119,8 @@ class LlamaForCausalLM(nn.Module):
         self.layers = nn.ModuleList(LlamaDecoderLayer(cfg, self.head_dim, rotary, w)
                                     for w in self.sliding_windows)
         self.norm = RMSNorm(cfg["hidden_size"], cfg.get("rms_norm_eps", 1e-6))
-        if not self.tie_word_embeddings:
-            self.lm_head = nn.Linear(cfg["hidden_size"], self.vocab_size, bias=False)
+        self.lm_head = None if self.tie_word_embeddings else nn.Linear(cfg["hidden_size"], self.vocab_size,
+                                                                       bias=False)
 
     def forward(self, input_ids, positions, meta: AttentionMetadata, kv_caches) -> torch.Tensor:
         """input_ids, positions: [T] -> hidden states [T, hidden]."""
@@ -129,9 +129,15 @@ class LlamaForCausalLM(nn.Module):
             x = layer(x, positions, meta, kv_cache)
         return self.norm(x)
 
+    @property
+    def tied_embedding(self) -> nn.Module | None:
+        """The embedding that doubles as the LM head, while no separate head is set."""
+        return self.embed_tokens if self.lm_head is None else None
+
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        weight = self.embed_tokens.weight if self.tie_word_embeddings else self.lm_head.weight
-        return F.linear(hidden, weight)
+        if self.lm_head is None:
+            return F.linear(hidden, self.embed_tokens.weight)
+        return self.lm_head(hidden)
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
         def rename(name: str) -> str | None:

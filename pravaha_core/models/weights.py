@@ -9,6 +9,9 @@ from torch import nn
 
 # (our fused parameter, HF's piece, shard index), e.g. ("qkv_proj", "k_proj", 1)
 Stacked = list[tuple[str, str, int]]
+# Tensors of a fused layer that every piece holds whole (and must agree on), not stacked:
+# a quantized layer's input-column -> group map.
+WHOLE = (".g_idx",)
 
 
 def load_named_weights(model: nn.Module, weights: Iterable[tuple[str, torch.Tensor]],
@@ -30,7 +33,11 @@ def load_named_weights(model: nn.Module, weights: Iterable[tuple[str, torch.Tens
         if target not in params:
             raise ValueError(f"checkpoint tensor {hf_name!r} has no matching parameter ({target!r})")
         dest = params[target].data
-        if shard is not None:
+        if shard is not None and target.endswith(WHOLE):
+            if any(t == target for t, _ in loaded) and not torch.equal(dest, tensor.to(dest.dtype)):
+                raise ValueError(f"checkpoint tensor {hf_name!r} differs from the other pieces of the fused "
+                                 f"layer {target!r}; fusing them is not supported")
+        elif shard is not None:
             sizes = shard_sizes(target)
             dest = dest.narrow(0, sum(sizes[:shard]), sizes[shard])
         if transform is not None:
