@@ -161,6 +161,34 @@ def bench_prefix_cache(quick: bool, kv: int) -> dict:
             "speedup": (on["tokens"] / on["seconds"]) / (off["tokens"] / off["seconds"])}
 
 
+QUANT_ROWS = [("float32", "float32", None), ("bfloat16", "bfloat16", None),
+              ("int8 (bf16 activations)", "bfloat16", "int8"), ("GPTQ int4, g128 (bf16 activations)", "bfloat16", "gptq")]
+
+
+def bench_quantization(quick: bool, batches=(1, 32)) -> list[dict]:
+    """dummy:llama-135m decode at each batch size, per weight format: 16-token prompts, then
+    `new_tokens` greedy tokens each; tokens/s over the generate call (prefill is ~1/8 of it)."""
+    from pravaha_core import Engine, SamplingParams
+
+    new_tokens = 16 if quick else 64
+    rows = []
+    for name, dtype, quant in QUANT_ROWS:
+        engine = Engine(MODEL, dtype=dtype, quantization=quant, kv_cache_bytes=256 << 20)
+        info = engine.model_info()
+        row = {"format": name, "weight_bytes": info["weight_bytes"],
+               "linear_weight_bytes": info["linear_weight_bytes"], "kernels": info["kernels"]}
+        params = SamplingParams(max_tokens=new_tokens, temperature=0.0, ignore_eos=True)
+        engine.generate([list(range(300, 316))], SamplingParams(max_tokens=4))          # warm-up
+        for batch in batches:
+            prompts = [list(range(300 + i, 316 + i)) for i in range(batch)]
+            started = time.perf_counter()
+            outs = engine.generate(prompts, params)
+            row[f"batch{batch}_tok_s"] = sum(len(o.token_ids) for o in outs) / (time.perf_counter() - started)
+        rows.append(row)
+        del engine
+    return rows
+
+
 def kv_efficiency(reqs: list[Request], budget_bytes: int, block_size: int = 16) -> dict:
     """Concurrent W1 sequences one KV budget holds: paged blocks vs a contiguous cache that
     reserves the workload's maximum length (longest prompt + longest output) per slot."""
@@ -228,6 +256,15 @@ def run(quick: bool = False, out_dir: str = "bench-results", skip_hf: bool = Fal
         print(f"W2 (shared 512-token prefix): {w2['without_cache_tok_s']:.1f} tok/s without the prefix cache, "
               f"{w2['with_cache_tok_s']:.1f} with it: {w2['speedup']:.2f}x (FLOP bound "
               f"{w2['flops_no_cache_tflop'] / w2['flops_cached_tflop']:.2f}x)")
+    quant = bench_quantization(quick)
+    report["quantization"] = quant
+    base = quant[0]
+    print(f"Quantization, {MODEL} decode (16-token prompts):")
+    print(f"{'weights':38s} {'batch 1 tok/s':>14s} {'batch 32 tok/s':>15s} {'weight MiB':>11s} {'linear MiB':>11s}")
+    for q in quant:
+        print(f"{q['format']:38s} {q['batch1_tok_s']:8.1f} ({q['batch1_tok_s'] / base['batch1_tok_s']:3.1f}x) "
+              f"{q['batch32_tok_s']:8.1f} ({q['batch32_tok_s'] / base['batch32_tok_s']:3.1f}x) "
+              f"{q['weight_bytes'] / 2**20:11.1f} {q['linear_weight_bytes'] / 2**20:11.1f}")
     eff = kv_efficiency(reqs, 256 << 20)
     report["kv_efficiency"] = eff
     print(f"KV efficiency at {eff['budget_bytes'] >> 20} MiB: paged holds {eff['paged_seqs']} W1 sequences, "

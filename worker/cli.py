@@ -17,6 +17,8 @@ def engine_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-num-seqs", type=int, default=256)
     parser.add_argument("--max-num-batched-tokens", type=int, default=2048)
     parser.add_argument("--load-format", default="auto", choices=["auto", "dummy"])
+    parser.add_argument("--quantization", default=None, choices=["int8", "gptq", "awq"],
+                        help="int8: quantize on load; gptq/awq: such checkpoints (detected when omitted)")
 
 
 def sampling_args(parser: argparse.ArgumentParser, max_tokens: int) -> None:
@@ -39,7 +41,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
     engine = Engine(model=args.model, dtype=args.dtype, device=args.device, kv_cache_bytes=args.kv_cache_bytes,
                     max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
-                    load_format=args.load_format)
+                    load_format=args.load_format, quantization=args.quantization)
     return print_stream(engine.stream(args.prompt, SamplingParams(**sampling_dict(args))))
 
 
@@ -100,6 +102,16 @@ def cmd_bulk(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_quantize(args: argparse.Namespace) -> int:
+    """Write a GPTQ checkpoint of an HF checkpoint directory."""
+    from pravaha_core.quantize import quantize_checkpoint
+
+    print(quantize_checkpoint(args.source, args.out, method=args.method, bits=args.bits,
+                              group_size=args.group_size, sym=not args.asym, desc_act=args.desc_act,
+                              calibration=args.calibration))
+    return 0
+
+
 def cmd_bench(args: argparse.Namespace) -> int:
     from .bench import run
 
@@ -148,6 +160,19 @@ def main(argv: list[str] | None = None) -> int:
     bench.add_argument("--skip-hf", action="store_true", help="only the Pravaha rows")
     bench.add_argument("--out-dir", default="bench-results")
     bench.set_defaults(func=cmd_bench)
+
+    quant = sub.add_parser("quantize", help="write a GPTQ checkpoint (round to nearest, or GPTQ via gptqmodel)")
+    quant.add_argument("source", help="HF checkpoint directory (Llama, Mistral, Qwen2)")
+    quant.add_argument("out", help="output directory")
+    quant.add_argument("--method", default="rtn", choices=["rtn", "gptq"],
+                       help="rtn: round to nearest, no extra packages; gptq: gptqmodel (pip install '.[gptq]')")
+    quant.add_argument("--bits", type=int, default=4, choices=[2, 4, 8])
+    quant.add_argument("--group-size", type=int, default=128, help="-1: one group per output channel")
+    quant.add_argument("--asym", action="store_true", help="zero points per group (default: symmetric)")
+    quant.add_argument("--desc-act", action="store_true", help="gptq only: act-order")
+    quant.add_argument("--calibration", default=None,
+                       help="gptq only: text file, one calibration sample per line (default: built-in)")
+    quant.set_defaults(func=cmd_quantize)
 
     gen = sub.add_parser("generate", help="generate one completion in-process (no Redis) and stream it")
     gen.add_argument("prompt")

@@ -52,6 +52,15 @@ class _EngineCollector:
         yield GaugeMetricFamily("pravaha_waiting_sequences", "Sequences waiting", len(engine.scheduler.waiting))
         yield GaugeMetricFamily("pravaha_kv_blocks_used", "KV-cache blocks in use", info["blocks_used"])
         yield GaugeMetricFamily("pravaha_kv_blocks_total", "KV-cache blocks", info["num_blocks"])
+        model = engine.model_info()
+        yield GaugeMetricFamily("pravaha_model_weight_bytes", "Bytes of model weights (quantized or not)",
+                                model["weight_bytes"])
+        layers = GaugeMetricFamily("pravaha_quantized_linear_layers",
+                                   "Quantized linear layers by kernel path (int4pack_mm, int8pack_mm, dequant)",
+                                   labels=["quantization", "kernel"])
+        for kernel, count in model["kernels"].items():
+            layers.add_metric([model["quantization"] or "none", kernel], count)
+        yield layers
 
 
 class HealthServer:

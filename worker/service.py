@@ -64,7 +64,8 @@ class Worker:
         self.names = Names(config.stream, config.group, config.prefix)
         self.engine = engine or Engine(model=config.model, dtype=config.dtype, device=config.device,
                                        kv_cache_bytes=config.kv_cache_bytes, max_num_seqs=config.max_num_seqs,
-                                       max_num_batched_tokens=config.max_num_batched_tokens, seed=config.seed)
+                                       max_num_batched_tokens=config.max_num_batched_tokens, seed=config.seed,
+                                       quantization=config.quantization)
         self.redis = connection or redis.Redis.from_url(config.redis_url, socket_timeout=30,
                                                         socket_connect_timeout=5, health_check_interval=10)
         self.inflight: dict[str, Inflight] = {}

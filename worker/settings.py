@@ -29,9 +29,12 @@ class WorkerConfig:
     result_ttl_s: int = 24 * 3600      # how long results and event records stay
     block_ms: int = 1000               # longest blocking read while idle
     metrics_port: int = 9400           # /healthz, /readyz, /metrics; -1 turns the server off
+    quantization: str | None = None    # int8 | gptq | awq (GPTQ/AWQ checkpoints are detected anyway)
     seed: int = 0
 
     def __post_init__(self) -> None:
+        if self.quantization in ("", "none"):
+            self.quantization = None
         if not self.consumer:
             self.consumer = f"{socket.gethostname()}-{os.getpid()}"
         for name in ("max_num_seqs", "max_num_batched_tokens", "max_deliveries", "result_ttl_s", "block_ms"):
