@@ -210,3 +210,18 @@ def test_live_worker_endpoints(redis_server, start_worker):
     assert get(base + "/readyz") == (503, "draining\n")
     worker.proc.send_signal(signal.SIGTERM)
     assert worker.proc.wait(timeout=30) == 0
+
+
+def test_quantized_worker_reports_weights_and_kernels(redis_server, start_worker):
+    """--quantization int8: the worker serves, and /metrics says which kernel path each layer takes."""
+    port = free_port()
+    start_worker(redis_server.url, metrics_port=port, quantization="int8", dtype="bfloat16")
+    result = Client(redis_server.url).generate("quantized", {"max_tokens": 5, "ignore_eos": True}, timeout=60)
+    assert len(result.token_ids) == 5 and result.finish_reason == "length"
+    status, text = get(f"http://127.0.0.1:{port}/metrics")
+    assert status == 200
+    # dummy:llama-tiny: 2 layers x (qkv, o, gate_up) + the tied head take the int8 kernel; the two
+    # down projections (in_features 172, not a multiple of 16) dequantize.
+    assert metric(text, 'pravaha_quantized_linear_layers{kernel="int8pack_mm",quantization="int8"}') == 7
+    assert metric(text, 'pravaha_quantized_linear_layers{kernel="dequant",quantization="int8"}') == 2
+    assert 0 < metric(text, "pravaha_model_weight_bytes") < 444032   # bf16 unquantized: 444032 bytes
