@@ -265,7 +265,7 @@ class QuantLinear(nn.Module):
         super().__init__()
         self.in_features, self.out_features, self.bits, self.kernel = in_features, out_features, bits, kernel
         self.bias = None if bias is None else nn.Parameter(bias, requires_grad=False)
-        self.perm: torch.Tensor | None = None
+        self.register_buffer("perm", None)      # act-order: input columns sorted by group
         self.group_size = 0
 
     @classmethod
@@ -305,7 +305,7 @@ class QuantLinear(nn.Module):
             self.register_buffer("channel_scales", scales[:, 0].to(torch.bfloat16).to(device))
         elif kernel == "int4pack_mm":
             if not _is_sorted(g_idx):
-                self.perm = torch.argsort(g_idx, stable=True).to(device)
+                self.perm = torch.argsort(g_idx, stable=True).to(device)     # a registered buffer
                 codes, g_idx = codes[:, self.perm.cpu()], g_idx[self.perm.cpu()]
             per_group = self.in_features // zeros.shape[1]
             self.group_size = next(g for g in INT4_GROUP_SIZES if per_group % g == 0)
@@ -459,7 +459,7 @@ def finalize(model: nn.Module, spec: QuantSpec, dtype: torch.dtype) -> None:
 def quantize_rtn(model: nn.Module, spec: QuantSpec, dtype: torch.dtype) -> None:
     """Random-weight presets under gptq/awq: round every decoder linear layer to nearest."""
     for name, module in list(model.named_modules()):
-        if isinstance(module, nn.Linear) and name != "lm_head":
+        if isinstance(module, nn.Linear) and _quantized_in_checkpoint(name, spec):
             gs = spec.group_size if module.in_features % spec.group_size == 0 else -1
             codes, zeros, scales, g_idx = rtn(module.weight, spec.bits, gs, spec.sym)
             _replace(model, name, QuantLinear.from_codes(codes, zeros, scales, g_idx, spec.bits, module.bias, dtype))
@@ -475,9 +475,11 @@ def kernel_counts(model: nn.Module) -> dict[str, int]:
 
 
 def linear_weight_bytes(model: nn.Module) -> int:
-    """Bytes held by linear layers (quantized or not) and a separate LM head: what quantization shrinks."""
+    """Bytes held by linear layers (quantized or not) and the LM head, a tied embedding counted as
+    the head: what quantization shrinks."""
     layers = [m for m in model.modules() if isinstance(m, (nn.Linear, QuantLinear))]
-    return sum(weight_bytes(m) for m in layers)
+    tied = getattr(model, "tied_embedding", None)
+    return sum(weight_bytes(m) for m in layers) + (weight_bytes(tied) if tied is not None else 0)
 
 
 def weight_bytes(model: nn.Module) -> int:
