@@ -1,9 +1,11 @@
 // Decode attention straight from the paged KV cache, for CPUs: no gather, no padding.
 // One task per sequence; it reads each token's keys and values once, through the block table.
+// head_dim 64 and 128 are compiled as constants; softmax uses a vectorizable exp.
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 #include <algorithm>
 #include <cmath>
+#include <cstring>
 #include <vector>
 
 namespace {
@@ -11,18 +13,79 @@ namespace {
 template <typename T>
 inline float to_float(T x) { return static_cast<float>(x); }
 
-// Dot product over head_dim with 8 independent lanes, so the compiler vectorizes it
-// without reassociating floating-point sums.
-template <typename T>
+// exp(x) for x <= 0 (softmax after subtracting the max), written so loops over it vectorize:
+// Cody-Waite range reduction to r in [-ln2/2, ln2/2], Cephes' degree-6 polynomial, 2^n by
+// exponent bits. Relative error about 2e-7; exp(x) below 2^-126 flushes to 0.
+inline float exp_nonpositive(float x) {
+  x = std::max(x, -87.0f);
+  const float n = std::floor(x * 1.44269504088896341f + 0.5f);
+  const float r = x - n * 0.693359375f + n * 2.12194440e-4f;
+  float p = 1.9875691500e-4f;
+  p = p * r + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  p = p * r * r + r + 1.0f;
+  const int32_t bits = (static_cast<int32_t>(n) + 127) << 23;
+  float scale;
+  std::memcpy(&scale, &bits, sizeof scale);
+  return p * scale;
+}
+
+// Dot product with 16 independent lanes (vectorizes without reassociating sums).
+template <int D, typename T>
 inline float dot(const float* q, const T* k, int64_t d) {
-  float acc[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+  const int64_t len = D > 0 ? D : d;
+  float acc[16] = {0};
   int64_t i = 0;
-  for (; i + 8 <= d; i += 8)
-    for (int j = 0; j < 8; ++j) acc[j] += q[i + j] * to_float(k[i + j]);
+  for (; i + 16 <= len; i += 16)
+    for (int j = 0; j < 16; ++j) acc[j] += q[i + j] * to_float(k[i + j]);
   float s = 0;
-  for (int j = 0; j < 8; ++j) s += acc[j];
-  for (; i < d; ++i) s += q[i] * to_float(k[i]);
+  for (int j = 0; j < 16; ++j) s += acc[j];
+  for (; i < len; ++i) s += q[i] * to_float(k[i]);
   return s;
+}
+
+// One sequence, all heads: each token's K (then V) slot, every KV head, is read once, in order.
+// D > 0: head_dim known at compile time (loops fully unrolled).
+template <int D, typename T>
+void attend_one(const float* qb, const T* kp, const T* vp, const int64_t* table, int64_t ctx, int64_t first,
+                int64_t num_heads, int64_t num_kv_heads, int64_t d, int64_t block_size, float scale,
+                std::vector<float>& scores, std::vector<float>& acc, float* out) {
+  const int64_t head_dim = D > 0 ? D : d;
+  const int64_t group = num_heads / num_kv_heads, slot = num_kv_heads * head_dim, n = ctx - first;
+  scores.resize(num_heads * n);
+  acc.assign(num_heads * head_dim, 0.f);
+  for (int64_t pos = first; pos < ctx; ++pos) {
+    const T* key = kp + (table[pos / block_size] * block_size + pos % block_size) * slot;
+    for (int64_t h = 0; h < num_heads; ++h)
+      scores[h * n + (pos - first)] = dot<D>(qb + h * head_dim, key + (h / group) * head_dim, head_dim) * scale;
+  }
+  std::vector<float> inv(num_heads);
+  for (int64_t h = 0; h < num_heads; ++h) {
+    float* sc = scores.data() + h * n;
+    const float mx = *std::max_element(sc, sc + n);
+    float sum = 0;
+#pragma omp simd reduction(+ : sum)
+    for (int64_t i = 0; i < n; ++i) {
+      sc[i] = exp_nonpositive(sc[i] - mx);
+      sum += sc[i];
+    }
+    inv[h] = 1.f / sum;
+  }
+  for (int64_t pos = first; pos < ctx; ++pos) {
+    const T* value = vp + (table[pos / block_size] * block_size + pos % block_size) * slot;
+    for (int64_t h = 0; h < num_heads; ++h) {
+      const float p = scores[h * n + (pos - first)];
+      const T* v = value + (h / group) * head_dim;
+      float* a = acc.data() + h * head_dim;
+#pragma omp simd
+      for (int64_t i = 0; i < head_dim; ++i) a[i] += p * to_float(v[i]);
+    }
+  }
+  for (int64_t h = 0; h < num_heads; ++h)
+    for (int64_t i = 0; i < head_dim; ++i) out[h * head_dim + i] = acc[h * head_dim + i] * inv[h];
 }
 
 template <typename T>
@@ -30,51 +93,27 @@ void decode_kernel(const torch::Tensor& q, const torch::Tensor& k_cache, const t
                    const torch::Tensor& block_tables, const torch::Tensor& context_lens, double scale,
                    int64_t window, torch::Tensor& out) {
   const int64_t batch = q.size(0), num_heads = q.size(1), head_dim = q.size(2);
-  const int64_t block_size = k_cache.size(1), num_kv_heads = k_cache.size(2);
-  const int64_t group = num_heads / num_kv_heads, max_blocks = block_tables.size(1);
+  const int64_t block_size = k_cache.size(1), num_kv_heads = k_cache.size(2), max_blocks = block_tables.size(1);
   const float* qp = q.data_ptr<float>();
   const T* kp = k_cache.data_ptr<T>();
   const T* vp = v_cache.data_ptr<T>();
   const int64_t* tp = block_tables.data_ptr<int64_t>();
   const int64_t* lp = context_lens.data_ptr<int64_t>();
   float* op = out.data_ptr<float>();
-  const int64_t slot = num_kv_heads * head_dim;  // elements of one token's K (or V), all KV heads
-
-  // One task per sequence: each token's K and V slot (every KV head) is read once, in order.
   at::parallel_for(0, batch, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> scores;                        // [num_heads, n]
-    std::vector<float> acc(num_heads * head_dim);
+    std::vector<float> scores, acc;
     for (int64_t b = begin; b < end; ++b) {
-      const int64_t ctx = lp[b];
-      const int64_t first = window > 0 ? std::max<int64_t>(0, ctx - window) : 0;
-      const int64_t n = ctx - first;
-      scores.assign(num_heads * n, 0.f);
+      const int64_t ctx = lp[b], first = window > 0 ? std::max<int64_t>(0, ctx - window) : 0;
       const float* qb = qp + b * num_heads * head_dim;
-      for (int64_t pos = first; pos < ctx; ++pos) {
-        const T* key = kp + (tp[b * max_blocks + pos / block_size] * block_size + pos % block_size) * slot;
-        for (int64_t h = 0; h < num_heads; ++h)
-          scores[h * n + (pos - first)] =
-              dot(qb + h * head_dim, key + (h / group) * head_dim, head_dim) * static_cast<float>(scale);
-      }
-      for (int64_t h = 0; h < num_heads; ++h) {  // softmax per head
-        float* sc = scores.data() + h * n;
-        const float mx = *std::max_element(sc, sc + n);
-        float sum = 0;
-        for (int64_t i = 0; i < n; ++i) { sc[i] = std::exp(sc[i] - mx); sum += sc[i]; }
-        const float inv = 1.f / sum;
-        for (int64_t i = 0; i < n; ++i) sc[i] *= inv;
-      }
-      std::fill(acc.begin(), acc.end(), 0.f);
-      for (int64_t pos = first; pos < ctx; ++pos) {
-        const T* value = vp + (tp[b * max_blocks + pos / block_size] * block_size + pos % block_size) * slot;
-        for (int64_t h = 0; h < num_heads; ++h) {
-          const float p = scores[h * n + (pos - first)];
-          const T* v = value + (h / group) * head_dim;
-          float* a = acc.data() + h * head_dim;
-          for (int64_t i = 0; i < head_dim; ++i) a[i] += p * to_float(v[i]);
-        }
-      }
-      std::copy(acc.begin(), acc.end(), op + b * num_heads * head_dim);
+      float* ob = op + b * num_heads * head_dim;
+      const int64_t* table = tp + b * max_blocks;
+      const float s = static_cast<float>(scale);
+      if (head_dim == 64)
+        attend_one<64>(qb, kp, vp, table, ctx, first, num_heads, num_kv_heads, 64, block_size, s, scores, acc, ob);
+      else if (head_dim == 128)
+        attend_one<128>(qb, kp, vp, table, ctx, first, num_heads, num_kv_heads, 128, block_size, s, scores, acc, ob);
+      else
+        attend_one<0>(qb, kp, vp, table, ctx, first, num_heads, num_kv_heads, head_dim, block_size, s, scores, acc, ob);
     }
   });
 }
