@@ -109,12 +109,25 @@ class ModelRunner:
             valid = q_rel < p_lens[:, None]
             q_index = torch.where(valid, p_offsets[:, None] + q_rel, 0)
             q_pos = torch.where(valid, starts[num_decode:, None] + q_rel, 0)
-            direct = all(c.start == 0 for c in chunks[num_decode:])
-            prefill = self._group(q_index, None if bool(valid.all()) else valid, tables[num_decode:], q_pos,
-                                  chunks[num_decode:], direct=direct)
+            if all(c.start == 0 for c in chunks[num_decode:]):
+                prefill = self._group(q_index, None if bool(valid.all()) else valid, tables[num_decode:], q_pos,
+                                      chunks[num_decode:], direct=True)
+            else:
+                prefill = self._spans(chunks[num_decode:], tables[num_decode:], p_offsets.tolist())
         meta = AttentionMetadata(slots.to(dev), num_decode, decode, prefill, self.kernel)
         input_ids = torch.tensor(ids, device=dev)
         return input_ids, positions.to(dev), meta, (ends - 1).tolist()
+
+    def _spans(self, chunks: list[ScheduledChunk], tables, offsets: list[int]) -> AttentionGroup:
+        """Prefill chunks with earlier context attend one by one, unpadded (see AttentionGroup)."""
+        dev = self.device
+        spans = [(first, c.num_tokens, c.start) for first, c in zip(offsets, chunks)]
+        masks = {w: [build_mask(torch.arange(start, start + rows)[None, :], start + rows, w, self.gqa_group).to(dev)
+                     for _, rows, start in spans] for w in self.windows}
+        context_lens = torch.tensor([c.start + c.num_tokens for c in chunks])
+        width = max(len(c.seq.block_table) for c in chunks)
+        return AttentionGroup(torch.zeros(0, dtype=torch.long, device=dev), None,
+                              tables[:, :width].contiguous().to(dev), context_lens.to(dev), masks, spans=spans)
 
     def _group(self, q_index, q_valid, tables, q_pos, chunks, masks: bool = True,
                direct: bool = False) -> AttentionGroup:

@@ -1,6 +1,8 @@
 // Decode attention straight from the paged KV cache, for CPUs: no gather, no padding.
 // One task per sequence; it reads each token's keys and values once, through the block table.
-// head_dim 64 and 128 are compiled as constants; softmax uses a vectorizable exp.
+// head_dim 64 and 128 are compiled as constants, and for head_dim 64 with GQA groups of 1 to 4
+// each KV head is done in one pass with its query heads in registers; softmax uses a
+// vectorizable exp.
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 #include <algorithm>
@@ -45,6 +47,71 @@ inline float dot(const float* q, const T* k, int64_t d) {
   for (int j = 0; j < 16; ++j) s += acc[j];
   for (; i < len; ++i) s += q[i] * to_float(k[i]);
   return s;
+}
+
+// One sequence, one KV head and its G query heads: the G queries and G output rows live in
+// registers while the head's keys, then values, stream past once.
+template <int D, int G, typename T>
+void attend_group(const float* qg, const T* kp, const T* vp, const int64_t* table, int64_t ctx, int64_t first,
+                  int64_t slot, int64_t block_size, float scale, float* sc, float* out) {
+  const int64_t n = ctx - first;
+  float mx[G];
+  for (int g = 0; g < G; ++g) mx[g] = -INFINITY;
+  for (int64_t pos = first; pos < ctx; ++pos) {
+    const T* key = kp + (table[pos / block_size] * block_size + pos % block_size) * slot;
+    for (int g = 0; g < G; ++g) {
+      const float s = dot<D>(qg + g * D, key, D) * scale;
+      sc[g * n + pos - first] = s;
+      mx[g] = std::max(mx[g], s);
+    }
+  }
+  float inv[G];
+  for (int g = 0; g < G; ++g) {
+    float* row = sc + g * n;
+    float sum = 0;
+    const float m = mx[g];
+#pragma omp simd reduction(+ : sum)
+    for (int64_t i = 0; i < n; ++i) {
+      row[i] = exp_nonpositive(row[i] - m);
+      sum += row[i];
+    }
+    inv[g] = 1.f / sum;
+  }
+  float a[G][D];
+  for (int g = 0; g < G; ++g)
+    for (int i = 0; i < D; ++i) a[g][i] = 0.f;
+  for (int64_t pos = first; pos < ctx; ++pos) {
+    const T* v = vp + (table[pos / block_size] * block_size + pos % block_size) * slot;
+    for (int g = 0; g < G; ++g) {
+      const float p = sc[g * n + pos - first];
+#pragma omp simd
+      for (int i = 0; i < D; ++i) a[g][i] += p * to_float(v[i]);
+    }
+  }
+  for (int g = 0; g < G; ++g)
+    for (int i = 0; i < D; ++i) out[g * D + i] = a[g][i] * inv[g];
+}
+
+template <int D, typename T>
+bool attend_grouped(const float* qb, const T* kp, const T* vp, const int64_t* table, int64_t ctx, int64_t first,
+                    int64_t num_heads, int64_t num_kv_heads, int64_t block_size, float scale,
+                    std::vector<float>& scores, float* out) {
+  const int64_t group = num_heads / num_kv_heads, slot = num_kv_heads * D;
+  scores.resize(group * (ctx - first));
+  for (int64_t kvh = 0; kvh < num_kv_heads; ++kvh) {
+    const float* qg = qb + kvh * group * D;
+    float* og = out + kvh * group * D;
+    const T* k0 = kp + kvh * D;
+    const T* v0 = vp + kvh * D;
+    switch (group) {
+      case 1: attend_group<D, 1>(qg, k0, v0, table, ctx, first, slot, block_size, scale, scores.data(), og); break;
+      case 2: attend_group<D, 2>(qg, k0, v0, table, ctx, first, slot, block_size, scale, scores.data(), og); break;
+      case 3: attend_group<D, 3>(qg, k0, v0, table, ctx, first, slot, block_size, scale, scores.data(), og); break;
+      case 4: attend_group<D, 4>(qg, k0, v0, table, ctx, first, slot, block_size, scale, scores.data(), og); break;
+      default: return false;
+    }
+  }
+  return true;
 }
 
 // One sequence, all heads: each token's K (then V) slot, every KV head, is read once, in order.
@@ -108,6 +175,9 @@ void decode_kernel(const torch::Tensor& q, const torch::Tensor& k_cache, const t
       float* ob = op + b * num_heads * head_dim;
       const int64_t* table = tp + b * max_blocks;
       const float s = static_cast<float>(scale);
+      if (head_dim == 64 && attend_grouped<64>(qb, kp, vp, table, ctx, first, num_heads, num_kv_heads,
+                                                 block_size, s, scores, ob))
+        continue;
       if (head_dim == 64)
         attend_one<64>(qb, kp, vp, table, ctx, first, num_heads, num_kv_heads, 64, block_size, s, scores, acc, ob);
       else if (head_dim == 128)

@@ -25,6 +25,9 @@ class AttentionGroup:
     context_lens: [B]     tokens each query row's sequence has in the cache after this step
     masks:        window -> [B, 1, G*Q, K] bool, True where a query may see a key
     direct:       keys are the group's own new tokens (every chunk starts its sequence)
+    spans:        prefill chunks with earlier context: (first row, rows, start) per chunk; each
+                  attends alone, unpadded, to its own blocks, and masks[window] is a list of
+                  [1, 1, G*rows, start+rows] masks, one per chunk
     """
 
     q_index: torch.Tensor
@@ -33,6 +36,7 @@ class AttentionGroup:
     context_lens: torch.Tensor
     masks: dict[int | None, torch.Tensor]
     direct: bool = False
+    spans: list[tuple[int, int, int]] | None = None
 
 
 @dataclass
@@ -72,7 +76,17 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
         else:
             out[:nd] = _attend(q[:nd].unsqueeze(1), *_gather(k_cache, v_cache, grp), grp.masks[window],
                                scale).squeeze(1)
-    if meta.prefill is not None:
+    if meta.prefill is not None and meta.prefill.spans is not None:
+        grp = meta.prefill
+        block_size = k_cache.shape[1]
+        for row, ((first, rows, start), mask) in enumerate(zip(grp.spans, grp.masks[window])):
+            ctx = start + rows
+            blocks = grp.block_tables[row, :-(-ctx // block_size)]
+            keys = k_cache.index_select(0, blocks).view(1, -1, num_kv_heads, head_dim)[:, :ctx]
+            values = v_cache.index_select(0, blocks).view(1, -1, num_kv_heads, head_dim)[:, :ctx]
+            rows_q = q[nd + first:nd + first + rows].unsqueeze(0)
+            out[nd + first:nd + first + rows] = _attend(rows_q, keys, values, mask, scale).squeeze(0)
+    elif meta.prefill is not None:
         grp = meta.prefill
         keys, values = ((k[nd:][grp.q_index], v[nd:][grp.q_index]) if grp.direct
                         else _gather(k_cache, v_cache, grp))
