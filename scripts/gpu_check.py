@@ -1,6 +1,8 @@
 """CUDA check (run by scripts/gpu_check.sh on a GPU machine, under 8 minutes):
 1. greedy output of the engine on CUDA equals HF generate on CUDA (tiny checkpoints, float32);
-2. W1 at GPU size (dummy:llama-135m, bfloat16, 512 requests) vs HF generate_batch, same process.
+2. W1 at GPU size (dummy:llama-135m, bfloat16, 512 requests) vs HF generate_batch, same process;
+3. quantized weights on CUDA: which kernel each layer takes (torch's int4/int8 kernels are checked
+   against the dequantized weights at load) and decode tokens/s at batch 1 and 32 vs bfloat16.
 """
 
 import json
@@ -64,9 +66,33 @@ def bench_gpu(num: int = 512) -> dict:
     return result
 
 
+def quant_gpu() -> dict:
+    from worker.bench import QUANT_ROWS
+
+    report = {}
+    for name, dtype, quant in QUANT_ROWS[1:]:          # bfloat16, int8, GPTQ int4
+        engine = Engine("dummy:llama-135m", dtype=dtype, device="cuda", quantization=quant,
+                        kv_cache_bytes=1 << 30)
+        info = engine.model_info()
+        row = {"kernels": info["kernels"], "weight_bytes": info["weight_bytes"]}
+        params = SamplingParams(max_tokens=64, temperature=0.0, ignore_eos=True)
+        engine.generate([list(range(300, 316))], SamplingParams(max_tokens=4))
+        for batch in (1, 32):
+            prompts = [list(range(300 + i, 316 + i)) for i in range(batch)]
+            torch.cuda.synchronize()
+            t = time.perf_counter()
+            outs = engine.generate(prompts, params)
+            torch.cuda.synchronize()
+            row[f"batch{batch}_tok_s"] = sum(len(o.token_ids) for o in outs) / (time.perf_counter() - t)
+        report[name] = row
+        print(name, json.dumps(row), flush=True)
+        del engine
+    return report
+
+
 if __name__ == "__main__":
     assert torch.cuda.is_available(), "no CUDA device"
-    out = {"greedy": check_greedy(), "w1_gpu": bench_gpu()}
+    out = {"greedy": check_greedy(), "w1_gpu": bench_gpu(), "quantization": quant_gpu()}
     target = os.environ.get("OUT", ".")
     with open(os.path.join(target, "gpu_check.json"), "w") as f:
         json.dump(out, f, indent=2)
