@@ -2,7 +2,7 @@
 // One task per sequence; it reads each token's keys and values once, through the block table.
 // head_dim 64 and 128 are compiled as constants, and for head_dim 64 with GQA groups of 1 to 4
 // each KV head is done in one pass with its query heads in registers; softmax uses a
-// vectorizable exp.
+// vectorizable exp. Threads take sequences one at a time (lengths differ).
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 #include <algorithm>
@@ -167,9 +167,12 @@ void decode_kernel(const torch::Tensor& q, const torch::Tensor& k_cache, const t
   const int64_t* tp = block_tables.data_ptr<int64_t>();
   const int64_t* lp = context_lens.data_ptr<int64_t>();
   float* op = out.data_ptr<float>();
-  at::parallel_for(0, batch, 1, [&](int64_t begin, int64_t end) {
+  // Sequences differ in length, so threads take them one at a time (dynamic), not in halves.
+#pragma omp parallel num_threads(at::get_num_threads())
+  {
     std::vector<float> scores, acc;
-    for (int64_t b = begin; b < end; ++b) {
+#pragma omp for schedule(dynamic, 1)
+    for (int64_t b = 0; b < batch; ++b) {
       const int64_t ctx = lp[b], first = window > 0 ? std::max<int64_t>(0, ctx - window) : 0;
       const float* qb = qp + b * num_heads * head_dim;
       float* ob = op + b * num_heads * head_dim;
@@ -185,7 +188,7 @@ void decode_kernel(const torch::Tensor& q, const torch::Tensor& k_cache, const t
       else
         attend_one<0>(qb, kp, vp, table, ctx, first, num_heads, num_kv_heads, head_dim, block_size, s, scores, acc, ob);
     }
-  });
+  }
 }
 
 }  // namespace
