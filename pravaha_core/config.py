@@ -37,7 +37,7 @@ class EngineConfig:
     load_format: str = "auto"
     seed: int = 0
     tokenizer: str | None = None
-    native_kernels: bool = True      # the compiled CPU paged-decode kernel, when it builds
+    native_kernels: bool = True      # CPU: the compiled paged-decode kernel, oneDNN-packed float32 linears
     enable_prefix_caching: bool = True
     quantization: str | None = None
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import glob
 import json
+import logging
 import os
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -14,8 +15,10 @@ from torch import nn
 from . import quantization
 from .config import EngineConfig
 from .models import context_length, model_class
+from .models.layers import pack_linears
 from .tokenizer import ByteTokenizer, HFTokenizer, Tokenizer
 
+log = logging.getLogger("pravaha.loader")
 _BYTE_VOCAB_EXTRA = {"bos_token_id": ByteTokenizer.BOS, "eos_token_id": ByteTokenizer.EOS}
 
 PRESETS: dict[str, dict] = {
@@ -80,6 +83,8 @@ def load_model(config: EngineConfig) -> LoadedModel:
             quantization.quantize_rtn(model, spec, dtype)
         elif spec is not None:
             quantization.finalize(model, spec, dtype)
+    if config.native_kernels and torch.device(config.device).type == "cpu" and dtype == torch.float32:
+        log.info("oneDNN-packed float32 linear layers: %d", pack_linears(model))
     model.eval()
     return LoadedModel(model, tokenizer, hf_config, max_len, spec)
 

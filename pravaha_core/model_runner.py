@@ -11,6 +11,11 @@ from .sampler import PenaltyInputs, SamplingBatch, sample
 from .scheduler import ModelRunnerOutput, ScheduledChunk, SchedulerOutput
 from .sequence import Sequence
 
+# Prefill chunks that all start their sequences attend as one padded batch while they average
+# fewer tokens than this (per-call overhead wins); longer ones one by one, unpadded and causal
+# (padding a batch of lengths 16..256 to the longest wastes over half the attention FLOPs).
+SPAN_MIN_MEAN_TOKENS = 64
+
 
 def bytes_per_block(model, block_size: int, dtype: str) -> int:
     """K and V of every layer for one block of `block_size` tokens."""
@@ -33,6 +38,8 @@ class ModelRunner:
         self.gqa_group = m.num_heads // m.num_kv_heads
         self.eos_token_ids = sorted(eos_token_ids)
         self.kernel = kernels.paged_decode() if self.device.type == "cpu" and use_kernels else None
+        if self.device.type == "cpu" and use_kernels:
+            kernels.keep_large_allocations()
 
     @torch.inference_mode()
     def execute(self, plan: SchedulerOutput) -> ModelRunnerOutput:
@@ -109,7 +116,8 @@ class ModelRunner:
             valid = q_rel < p_lens[:, None]
             q_index = torch.where(valid, p_offsets[:, None] + q_rel, 0)
             q_pos = torch.where(valid, starts[num_decode:, None] + q_rel, 0)
-            if all(c.start == 0 for c in chunks[num_decode:]):
+            fresh = all(c.start == 0 for c in chunks[num_decode:])
+            if fresh and float(p_lens.float().mean()) < SPAN_MIN_MEAN_TOKENS:
                 prefill = self._group(q_index, None if bool(valid.all()) else valid, tables[num_decode:], q_pos,
                                       chunks[num_decode:], direct=True)
             else:
@@ -119,10 +127,12 @@ class ModelRunner:
         return input_ids, positions.to(dev), meta, (ends - 1).tolist()
 
     def _spans(self, chunks: list[ScheduledChunk], tables, offsets: list[int]) -> AttentionGroup:
-        """Prefill chunks with earlier context attend one by one, unpadded (see AttentionGroup)."""
+        """Prefill chunks attend one by one, unpadded (see AttentionGroup); a chunk that starts
+        its sequence under full attention needs no mask (causal)."""
         dev = self.device
         spans = [(first, c.num_tokens, c.start) for first, c in zip(offsets, chunks)]
-        masks = {w: [build_mask(torch.arange(start, start + rows)[None, :], start + rows, w, self.gqa_group).to(dev)
+        masks = {w: [None if start == 0 and w is None else
+                     build_mask(torch.arange(start, start + rows)[None, :], start + rows, w, self.gqa_group).to(dev)
                      for _, rows, start in spans] for w in self.windows}
         context_lens = torch.tensor([c.start + c.num_tokens for c in chunks])
         width = max(len(c.seq.block_table) for c in chunks)

@@ -28,6 +28,8 @@ import torch
 from torch import nn
 import torch.nn.functional as F
 
+from .models.layers import PackedLinear
+
 log = logging.getLogger("pravaha.quantization")
 
 METHODS = ("int8", "gptq", "awq")
@@ -477,7 +479,7 @@ def kernel_counts(model: nn.Module) -> dict[str, int]:
 def linear_weight_bytes(model: nn.Module) -> int:
     """Bytes held by linear layers (quantized or not) and the LM head, a tied embedding counted as
     the head: what quantization shrinks."""
-    layers = [m for m in model.modules() if isinstance(m, (nn.Linear, QuantLinear))]
+    layers = [m for m in model.modules() if isinstance(m, (nn.Linear, QuantLinear, PackedLinear))]
     tied = getattr(model, "tied_embedding", None)
     return sum(weight_bytes(m) for m in layers) + (weight_bytes(tied) if tied is not None else 0)
 
@@ -490,7 +492,7 @@ def weight_bytes(model: nn.Module) -> int:
         if key not in seen:
             seen.add(key)
             total += t.untyped_storage().nbytes()
-    return total
+    return total + sum(m.nbytes for m in model.modules() if isinstance(m, PackedLinear))
 
 
 def _replace(model: nn.Module, name: str, new: nn.Module) -> None:

@@ -167,7 +167,7 @@ def test_dummy_presets_generate(preset):
 
 
 def test_llama_135m_preset_has_smollm2_shape():
-    engine = Engine("dummy:llama-135m", kv_cache_bytes=1 << 22)
+    engine = Engine("dummy:llama-135m", kv_cache_bytes=1 << 22, native_kernels=False)   # dense nn.Linear layers
     m = engine.runner.model
     assert (m.num_layers, m.num_heads, m.num_kv_heads, m.head_dim, m.vocab_size) == (30, 9, 3, 64, 49152)
     assert m.tie_word_embeddings and m.lm_head is None

@@ -25,9 +25,10 @@ class AttentionGroup:
     context_lens: [B]     tokens each query row's sequence has in the cache after this step
     masks:        window -> [B, 1, G*Q, K] bool, True where a query may see a key
     direct:       keys are the group's own new tokens (every chunk starts its sequence)
-    spans:        prefill chunks with earlier context: (first row, rows, start) per chunk; each
-                  attends alone, unpadded, to its own blocks, and masks[window] is a list of
-                  [1, 1, G*rows, start+rows] masks, one per chunk
+    spans:        prefill chunks attended one by one, unpadded: (first row, rows, start) per
+                  chunk, and masks[window] a list of [1, 1, G*rows, start+rows] masks, one per
+                  chunk; None for a chunk that starts its sequence under full attention, which
+                  attends causally to its own K/V without reading the cache
     """
 
     q_index: torch.Tensor
@@ -80,12 +81,15 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
         grp = meta.prefill
         block_size = k_cache.shape[1]
         for row, ((first, rows, start), mask) in enumerate(zip(grp.spans, grp.masks[window])):
+            span = slice(nd + first, nd + first + rows)
+            if mask is None:              # starts its sequence, full attention: plain causal
+                out[span] = _attend_causal(q[span], k[span], v[span], scale)
+                continue
             ctx = start + rows
             blocks = grp.block_tables[row, :-(-ctx // block_size)]
             keys = k_cache.index_select(0, blocks).view(1, -1, num_kv_heads, head_dim)[:, :ctx]
             values = v_cache.index_select(0, blocks).view(1, -1, num_kv_heads, head_dim)[:, :ctx]
-            rows_q = q[nd + first:nd + first + rows].unsqueeze(0)
-            out[nd + first:nd + first + rows] = _attend(rows_q, keys, values, mask, scale).squeeze(0)
+            out[span] = _attend(q[span].unsqueeze(0), keys, values, mask, scale).squeeze(0)
     elif meta.prefill is not None:
         grp = meta.prefill
         keys, values = ((k[nd:][grp.q_index], v[nd:][grp.q_index]) if grp.direct
@@ -101,6 +105,16 @@ def _gather(k_cache: torch.Tensor, v_cache: torch.Tensor, grp: AttentionGroup):
     flat = grp.block_tables.flatten()
     shape = (b, m * k_cache.shape[1], k_cache.shape[2], k_cache.shape[3])
     return k_cache.index_select(0, flat).view(shape), v_cache.index_select(0, flat).view(shape)
+
+
+def _attend_causal(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
+    """One sequence's own tokens: q [L, H, D], k/v [L, KVH, D] -> [L, H, D]. K/V heads are
+    repeated for GQA so that flash attention can skip the blocks above the diagonal."""
+    group = q.shape[1] // k.shape[1]
+    k, v = (k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)) if group > 1 else (k, v)
+    out = F.scaled_dot_product_attention(q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1),
+                                         is_causal=True, scale=scale)
+    return out.transpose(0, 1)
 
 
 def _attend(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor,
