@@ -12,10 +12,10 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from . import quantization
+from . import kernels, quantization
 from .config import EngineConfig
 from .models import context_length, model_class
-from .models.layers import pack_linears
+from .models.layers import pack_linears, use_fused_ops
 from .tokenizer import ByteTokenizer, HFTokenizer, Tokenizer
 
 log = logging.getLogger("pravaha.loader")
@@ -85,6 +85,9 @@ def load_model(config: EngineConfig) -> LoadedModel:
             quantization.finalize(model, spec, dtype)
     if config.native_kernels and torch.device(config.device).type == "cpu" and dtype == torch.float32:
         log.info("oneDNN-packed float32 linear layers: %d", pack_linears(model))
+        native = kernels.paged_decode()
+        if native is not None:
+            log.info("fused native RMSNorm / SiLU-multiply / rotary in %d modules", use_fused_ops(model, native))
     model.eval()
     return LoadedModel(model, tokenizer, hf_config, max_len, spec)
 

@@ -1,12 +1,14 @@
 """Optional native kernels, compiled on first use with torch's C++ extension loader.
 
-`paged_decode()` returns the compiled module, or None when it cannot be built (no compiler,
-no ninja, PRAVAHA_NO_KERNELS=1); the engine then uses its plain-torch path.
+`paged_decode()` returns the compiled module (paged decode attention, and the fused float32
+RMSNorm, SiLU-and-multiply and rotary steps), or None when it cannot be built (no compiler,
+no ninja, PRAVAHA_NO_KERNELS=1); the engine then uses its plain-torch paths.
 """
 
 from __future__ import annotations
 
 import functools
+import hashlib
 import logging
 import os
 import platform
@@ -24,8 +26,13 @@ def paged_decode():
 
         name = f"pravaha_paged_attention_{platform.machine()}"
         log.info("loading the native paged-attention kernel (the first use on a machine compiles it: ~40 s)")
-        return load(name=name, sources=[os.path.join(HERE, "paged_attention.cpp")],
-                    extra_cflags=["-O3", "-march=native", "-fopenmp"], extra_ldflags=["-fopenmp"], verbose=False)
+        # torch rebuilds when a source or a flag changes, not a header: the header's hash is a flag.
+        with open(os.path.join(HERE, "vec_math.h"), "rb") as f:
+            header = hashlib.sha1(f.read()).hexdigest()[:12]
+        return load(name=name, sources=[os.path.join(HERE, "paged_attention.cpp"), os.path.join(HERE, "fused.cpp")],
+                    extra_cflags=["-O3", "-march=native", "-fopenmp", "-fno-trapping-math", "-fno-math-errno",
+                                  f"-DPRAVAHA_VEC_MATH={header}"],
+                    extra_ldflags=["-fopenmp"], verbose=False)
     except Exception as exc:  # noqa: BLE001 - any build failure means: use the torch path
         log.warning("paged attention kernel unavailable (%s); using the torch path", exc)
         return None

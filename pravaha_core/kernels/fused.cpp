@@ -5,6 +5,8 @@
 #include <ATen/Parallel.h>
 #include <cmath>
 
+#include "vec_math.h"
+
 namespace {
 
 int64_t grain(int64_t row_len) { return std::max<int64_t>(1, 16384 / std::max<int64_t>(row_len, 1)); }
@@ -55,7 +57,7 @@ torch::Tensor silu_mul(torch::Tensor gate_up) {
       const float* g = gp + t * 2 * I;
       const float* u = g + I;
       float* o = op + t * I;
-      for (int64_t i = 0; i < I; ++i) o[i] = g[i] / (1.0f + std::exp(-g[i])) * u[i];
+      for (int64_t i = 0; i < I; ++i) o[i] = pravaha::silu(g[i]) * u[i];
     }
   });
   return out;

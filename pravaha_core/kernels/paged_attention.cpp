@@ -10,30 +10,14 @@
 #include <cstring>
 #include <vector>
 
+#include "vec_math.h"
+
 namespace {
+
+using pravaha::exp_nonpositive;
 
 template <typename T>
 inline float to_float(T x) { return static_cast<float>(x); }
-
-// exp(x) for x <= 0 (softmax after subtracting the max), written so loops over it vectorize:
-// Cody-Waite range reduction to r in [-ln2/2, ln2/2], Cephes' degree-6 polynomial, 2^n by
-// exponent bits. Relative error about 2e-7; exp(x) below 2^-126 flushes to 0.
-inline float exp_nonpositive(float x) {
-  x = std::max(x, -87.0f);
-  const float n = std::floor(x * 1.44269504088896341f + 0.5f);
-  const float r = x - n * 0.693359375f + n * 2.12194440e-4f;
-  float p = 1.9875691500e-4f;
-  p = p * r + 1.3981999507e-3f;
-  p = p * r + 8.3334519073e-3f;
-  p = p * r + 4.1665795894e-2f;
-  p = p * r + 1.6666665459e-1f;
-  p = p * r + 5.0000001201e-1f;
-  p = p * r * r + r + 1.0f;
-  const int32_t bits = (static_cast<int32_t>(n) + 127) << 23;
-  float scale;
-  std::memcpy(&scale, &bits, sizeof scale);
-  return p * scale;
-}
 
 // Dot product with 16 independent lanes (vectorizes without reassociating sums).
 template <int D, typename T>
@@ -209,6 +193,15 @@ torch::Tensor paged_decode_attention(torch::Tensor q, torch::Tensor k_cache, tor
   return out;
 }
 
+// fused.cpp
+torch::Tensor rms_norm(torch::Tensor x, torch::Tensor weight, double eps);
+torch::Tensor silu_mul(torch::Tensor gate_up);
+void rotary_(torch::Tensor qkv, torch::Tensor positions, torch::Tensor cos, torch::Tensor sin,
+             int64_t num_rotated_heads, int64_t head_dim);
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("paged_decode_attention", &paged_decode_attention, "decode attention over a paged KV cache (CPU)");
+  m.def("rms_norm", &rms_norm, "RMSNorm over the last dim (float32)");
+  m.def("silu_mul", &silu_mul, "silu(gate) * up of a fused [T, 2I] gate/up output (float32)");
+  m.def("rotary_", &rotary_, "rotate-half rotary embedding of q and k, in place in the fused qkv (float32)");
 }

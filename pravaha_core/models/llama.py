@@ -57,13 +57,21 @@ class LlamaAttention(nn.Module):
         self.window = window
         self.scale = head_dim ** -0.5
 
+    fused = None    # the native module (float32 CPU fast path), set by use_fused_ops
+
     def forward(self, x, positions, meta: AttentionMetadata, kv_cache):
         t = x.shape[0]
-        q, k, v = self.qkv_proj(x).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
+        qkv = self.qkv_proj(x)
+        fused = self.fused is not None and qkv.dtype == torch.float32 and qkv.is_contiguous()
+        if fused:                                       # rotate q and k in place, in one pass
+            self.fused.rotary_(qkv, positions, self.rotary.cos, self.rotary.sin,
+                               self.num_heads + self.num_kv_heads, self.head_dim)
+        q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
         q = q.view(t, self.num_heads, self.head_dim)
         k = k.view(t, self.num_kv_heads, self.head_dim)
         v = v.view(t, self.num_kv_heads, self.head_dim)
-        q, k = self.rotary(positions, q, k)
+        if not fused:
+            q, k = self.rotary(positions, q, k)
         o = paged_attention(q, k, v, kv_cache[0], kv_cache[1], meta, self.scale, self.window)
         return self.o_proj(o.view(t, self.q_size))
 
@@ -79,8 +87,13 @@ class LlamaMLP(nn.Module):
         self.gate_up_proj = nn.Linear(hidden, 2 * inter, bias=bias)
         self.down_proj = nn.Linear(inter, hidden, bias=bias)
 
+    fused = None    # the native module (float32 CPU fast path), set by use_fused_ops
+
     def forward(self, x):
-        gate, up = self.gate_up_proj(x).split(self.inter, dim=-1)
+        gate_up = self.gate_up_proj(x)
+        if self.fused is not None and gate_up.dtype == torch.float32 and gate_up.dim() == 2:
+            return self.down_proj(self.fused.silu_mul(gate_up))
+        gate, up = gate_up.split(self.inter, dim=-1)
         return self.down_proj(F.silu(gate) * up)
 
 

@@ -1,0 +1,120 @@
+"""The float32 CPU fast paths against plain torch: oneDNN-packed linear layers, the fused
+native RMSNorm / SiLU-multiply / rotary steps, and long fresh prompts attending one by one
+(causal, unpadded); then greedy output through all of them against HF generate."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from pravaha_core import Engine, SamplingParams, kernels
+from pravaha_core.model_runner import SPAN_MIN_MEAN_TOKENS
+from pravaha_core.models.layers import PackedLinear, RMSNorm, RotaryEmbedding, pack_linears
+from tests.checkpoints import hf_greedy, make_checkpoint
+
+
+@pytest.fixture(scope="module")
+def native():
+    module = kernels.paged_decode()
+    if module is None:
+        pytest.fail("the native kernels did not build (compiler or ninja missing?)")
+    return module
+
+
+@pytest.mark.parametrize("bias", [False, True])
+@pytest.mark.parametrize("shape", [(64, 172), (576, 960), (13, 7)])
+def test_packed_linear_matches_linear(shape, bias):
+    torch.manual_seed(0)
+    layer = nn.Linear(*shape, bias=bias)
+    packed = PackedLinear(layer)
+    for rows in (1, 3, 17, 300):
+        x = torch.randn(rows, shape[0])
+        torch.testing.assert_close(packed(x), layer(x), rtol=1e-5, atol=1e-5)
+    assert torch.equal(packed.weight, layer.weight.detach())
+    assert packed.nbytes >= layer.weight.numel() * 4
+
+
+def test_pack_linears_packs_every_float32_layer_and_a_tied_head():
+    engine = Engine("dummy:llama-tiny", kv_cache_bytes=1 << 20, native_kernels=False)
+    model = engine.runner.model
+    model.lm_head = None                        # make it tied: the head is the embedding
+    dense = {n: m.weight.detach().clone() for n, m in model.named_modules() if isinstance(m, nn.Linear)}
+    assert pack_linears(model) == len(dense) + 1
+    assert not any(isinstance(m, nn.Linear) for m in model.modules())
+    for name, weight in dense.items():
+        assert torch.equal(model.get_submodule(name).weight, weight)
+    hidden = torch.randn(5, model.embed_tokens.weight.shape[1])
+    torch.testing.assert_close(model.compute_logits(hidden), hidden @ model.embed_tokens.weight.T,
+                               rtol=1e-5, atol=1e-5)
+
+
+def test_engine_uses_fast_paths_only_for_float32_cpu_with_kernels():
+    fast = Engine("dummy:llama-tiny", kv_cache_bytes=1 << 20)
+    layer = fast.runner.model.layers[0]
+    assert isinstance(layer.mlp.gate_up_proj, PackedLinear) and isinstance(fast.runner.model.lm_head, PackedLinear)
+    assert layer.mlp.fused is not None and layer.self_attn.fused is not None and layer.input_layernorm.fused is not None
+    plain = Engine("dummy:llama-tiny", kv_cache_bytes=1 << 20, native_kernels=False)
+    assert isinstance(plain.runner.model.layers[0].mlp.gate_up_proj, nn.Linear)
+    assert plain.runner.model.layers[0].mlp.fused is None
+    half = Engine("dummy:llama-tiny", kv_cache_bytes=1 << 20, dtype="bfloat16")
+    assert isinstance(half.runner.model.layers[0].mlp.gate_up_proj, nn.Linear)
+    params = SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True)
+    prompts = [[5, 6, 7, 8], list(range(40, 140))]
+    assert [o.token_ids for o in fast.generate(prompts, params)] == [o.token_ids for o in plain.generate(prompts, params)]
+
+
+@pytest.mark.parametrize("rows,hidden", [(1, 64), (7, 576), (300, 100), (2, 5)])
+def test_fused_rms_norm(native, rows, hidden):
+    torch.manual_seed(rows)
+    norm = RMSNorm(hidden, 1e-5)
+    norm.weight.data = torch.randn(hidden)
+    x = torch.randn(rows, hidden) * 4
+    want = norm(x)
+    norm.fused = native
+    torch.testing.assert_close(norm(x), want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("rows,inter", [(1, 172), (9, 1536), (300, 3)])
+def test_fused_silu_mul(native, rows, inter):
+    torch.manual_seed(inter)
+    gate_up = torch.randn(rows, 2 * inter) * 8          # tails of the sigmoid both ways
+    gate_up[0, :3] = torch.tensor([0.0, -100.0, 100.0])
+    want = torch.nn.functional.silu(gate_up[:, :inter]) * gate_up[:, inter:]
+    torch.testing.assert_close(native.silu_mul(gate_up), want, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("heads,kv_heads,head_dim", [(9, 3, 64), (4, 4, 16), (2, 1, 80)])
+def test_fused_rotary_in_place(native, heads, kv_heads, head_dim):
+    torch.manual_seed(head_dim)
+    rotary = RotaryEmbedding(head_dim, 300, {"rope_theta": 10000.0, "rope_type": "llama3", "factor": 8.0,
+                                             "original_max_position_embeddings": 64})
+    tokens = 11
+    qkv = torch.randn(tokens, (heads + 2 * kv_heads) * head_dim)
+    positions = torch.randint(0, 300, (tokens,))
+    q = qkv[:, :heads * head_dim].view(tokens, heads, head_dim)
+    k = qkv[:, heads * head_dim:(heads + kv_heads) * head_dim].view(tokens, kv_heads, head_dim)
+    want_q, want_k = rotary(positions, q, k)
+    got = qkv.clone()
+    native.rotary_(got, positions, rotary.cos, rotary.sin, heads + kv_heads, head_dim)
+    torch.testing.assert_close(got[:, :heads * head_dim].view(tokens, heads, head_dim), want_q, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(got[:, heads * head_dim:(heads + kv_heads) * head_dim].view(tokens, kv_heads, head_dim),
+                               want_k, rtol=1e-5, atol=1e-5)
+    assert torch.equal(got[:, (heads + kv_heads) * head_dim:], qkv[:, (heads + kv_heads) * head_dim:])  # v untouched
+    with pytest.raises(RuntimeError, match="position out of range"):
+        native.rotary_(got, torch.tensor([300] * tokens), rotary.cos, rotary.sin, heads + kv_heads, head_dim)
+
+
+@pytest.mark.parametrize("native_kernels", [True, False], ids=["kernels", "torch"])
+@pytest.mark.parametrize("family", ["llama", "qwen2"])
+def test_long_fresh_prompts_match_hf(tmp_path, family, native_kernels):
+    """Prompts long enough (on average) to attend one by one, causal and unpadded, in the
+    first step, next to a short one; greedy output token-identical to HF generate."""
+    path = make_checkpoint(family, str(tmp_path / family), seed=11)
+    engine = Engine(path, kv_cache_bytes=1 << 22, native_kernels=native_kernels)
+    texts = ["The river carries silt down to the delta, " * 4, "Paged attention keeps keys in blocks; " * 5, "Hi"]
+    prompts = [engine.tokenizer.encode(t) for t in texts]
+    assert sum(map(len, prompts)) / len(prompts) >= SPAN_MIN_MEAN_TOKENS
+    outs = engine.generate(prompts, SamplingParams(max_tokens=10, temperature=0.0, ignore_eos=True))
+    for prompt, out in zip(prompts, outs):
+        assert out.token_ids == hf_greedy(path, prompt, 10)
