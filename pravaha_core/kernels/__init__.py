@@ -53,6 +53,6 @@ def keep_large_allocations() -> bool:
         ok = libc.mallopt(-3, 1 << 30) == 1 and libc.mallopt(-1, 1 << 31) == 1   # M_MMAP_/M_TRIM_THRESHOLD
     except (OSError, AttributeError):
         return False
-    log.info("glibc malloc: large blocks stay on the heap (mmap threshold 256 MiB)" if ok else
+    log.info("glibc malloc: large blocks stay on the heap (mmap threshold 1 GiB)" if ok else
              "glibc mallopt refused the thresholds; leaving malloc as it is")
     return ok
