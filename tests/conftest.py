@@ -14,6 +14,17 @@ FAMILIES = ["llama", "mistral", "qwen2", "gpt2"]
 
 
 @pytest.fixture(scope="session")
+def native():
+    """The compiled native CPU kernels module; a build failure fails the test, never skips it."""
+    from pravaha_core import kernels
+
+    module = kernels.paged_decode()
+    if module is None:
+        pytest.fail("the native kernels did not build (compiler or ninja missing?)")
+    return module
+
+
+@pytest.fixture(scope="session")
 def checkpoint(tmp_path_factory):
     """checkpoint(family, **config_overrides) -> directory of a tiny random HF checkpoint."""
     made: dict[tuple, str] = {}

@@ -8,18 +8,11 @@ import pytest
 import torch
 from torch import nn
 
-from pravaha_core import Engine, SamplingParams, kernels
+from pravaha_core import Engine, SamplingParams
 from pravaha_core.model_runner import SPAN_MIN_MEAN_TOKENS
 from pravaha_core.models.layers import PackedLinear, RMSNorm, RotaryEmbedding, pack_linears
 from tests.checkpoints import hf_greedy, make_checkpoint
 
-
-@pytest.fixture(scope="module")
-def native():
-    module = kernels.paged_decode()
-    if module is None:
-        pytest.fail("the native kernels did not build (compiler or ninja missing?)")
-    return module
 
 
 @pytest.mark.parametrize("bias", [False, True])

@@ -11,18 +11,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from pravaha_core import Engine, SamplingParams, kernels
+from pravaha_core import Engine, SamplingParams
 from tests.checkpoints import hf_greedy, make_checkpoint
 
 BLOCK = 16
 
-
-@pytest.fixture(scope="module")
-def kernel():
-    module = kernels.paged_decode()
-    if module is None:
-        pytest.fail("the native kernel did not build (compiler or ninja missing?)")
-    return module
 
 
 def reference(q, k_cache, v_cache, tables, lens, scale, window):
@@ -44,7 +37,7 @@ def reference(q, k_cache, v_cache, tables, lens, scale, window):
 @pytest.mark.parametrize("group", [1, 2, 3, 4, 5])
 @pytest.mark.parametrize("window", [-1, 7])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_kernel_matches_torch(kernel, head_dim, group, window, dtype):
+def test_kernel_matches_torch(native, head_dim, group, window, dtype):
     gen = torch.Generator().manual_seed(head_dim * 100 + group * 10 + (window > 0))
     kv_heads, batch = 2, 6
     heads = kv_heads * group
@@ -56,7 +49,7 @@ def test_kernel_matches_torch(kernel, head_dim, group, window, dtype):
     tables = torch.randperm(num_blocks, generator=gen)[:batch * width].view(batch, width).contiguous()
     q = torch.randn(batch, heads, head_dim, generator=gen)
     scale = head_dim ** -0.5
-    got = kernel.paged_decode_attention(q, k_cache, v_cache, tables, lens, scale, window)
+    got = native.paged_decode_attention(q, k_cache, v_cache, tables, lens, scale, window)
     want = reference(q, k_cache, v_cache, tables, lens, scale, window)
     assert got.shape == want.shape
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
