@@ -1,8 +1,9 @@
 """The native CPU decode-attention kernel against plain torch attention over the same blocks.
 
-The kernel has specialised paths (head_dim 64 with GQA groups 1-4 in registers, head_dim 64
-and 128 as constants) and a generic one; every path is compared here, with sliding windows,
-bfloat16 caches and contexts from 1 token up. Greedy output of a head_dim-64 model is also
+The kernel has specialised paths (head_dim 64 with GQA groups 1-4 in registers, on AVX-512
+hosts in tiles of 16 keys; head_dim 64 and 128 as constants) and a generic one; every path is
+compared here, with sliding windows, bfloat16 and float16 caches, block sizes 1 to 32 and
+contexts from 1 token up. Greedy output of a head_dim-64 model is also
 compared with HF generate through the engine.
 """
 
@@ -24,7 +25,7 @@ def reference(q, k_cache, v_cache, tables, lens, scale, window):
     out = []
     for b in range(q.shape[0]):
         n = int(lens[b])
-        blocks = tables[b, :-(-n // BLOCK)]
+        blocks = tables[b, :-(-n // k_cache.shape[1])]
         k = k_cache[blocks].flatten(0, 1)[:n].float().repeat_interleave(heads // kv_heads, 1)
         v = v_cache[blocks].flatten(0, 1)[:n].float().repeat_interleave(heads // kv_heads, 1)
         first = max(0, n - window) if window > 0 else 0
@@ -38,14 +39,27 @@ def reference(q, k_cache, v_cache, tables, lens, scale, window):
 @pytest.mark.parametrize("window", [-1, 7])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_kernel_matches_torch(native, head_dim, group, window, dtype):
+    check_kernel(native, head_dim, group, window, dtype, BLOCK, [1, 2, 15, 16, 17, 70])
+
+
+@pytest.mark.parametrize("block", [1, 8, 32])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("window", [-1, 40])
+def test_kernel_block_sizes_and_long_contexts(native, block, dtype, window):
+    """Key tiles of 16 positions that straddle blocks of other sizes, and contexts of a few
+    hundred tokens (many tiles, a partial last one), on the head_dim 64 register path."""
+    check_kernel(native, 64, 3, window, dtype, block, [1, 31, 33, 129, 300, 517])
+
+
+def check_kernel(native, head_dim, group, window, dtype, block, lengths):
     gen = torch.Generator().manual_seed(head_dim * 100 + group * 10 + (window > 0))
-    kv_heads, batch = 2, 6
+    kv_heads, batch = 2, len(lengths)
     heads = kv_heads * group
-    lens = torch.tensor([1, 2, 15, 16, 17, 70])
-    width = int(-(-lens.max() // BLOCK))
+    lens = torch.tensor(lengths)
+    width = int(-(-lens.max() // block))
     num_blocks = batch * width + 3
-    k_cache = torch.randn(num_blocks, BLOCK, kv_heads, head_dim, generator=gen).to(dtype)
-    v_cache = torch.randn(num_blocks, BLOCK, kv_heads, head_dim, generator=gen).to(dtype)
+    k_cache = torch.randn(num_blocks, block, kv_heads, head_dim, generator=gen).to(dtype)
+    v_cache = torch.randn(num_blocks, block, kv_heads, head_dim, generator=gen).to(dtype)
     tables = torch.randperm(num_blocks, generator=gen)[:batch * width].view(batch, width).contiguous()
     q = torch.randn(batch, heads, head_dim, generator=gen)
     scale = head_dim ** -0.5
