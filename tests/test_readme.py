@@ -128,6 +128,7 @@ def test_quick_bench_command_runs(tmp_path):
     assert "Pravaha Engine.generate" in result.stdout and "W2 (shared 512-token prefix)" in result.stdout
     report = json.loads((tmp_path / "bench-results" / "bench.json").read_text())
     assert report["workload"]["requests"] == 16
+    assert report["matmul_gflops"] == max(report["matmul"]["rates"].values()) > 0     # the best path is the roofline
     rows = {r["system"]: r for r in report["rows"]}
     engine = rows["Pravaha Engine.generate"]
     assert engine["tokens"] == report["workload"]["output_tokens"] and engine["tok_s"] > 0
