@@ -22,6 +22,10 @@ class EngineConfig:
     quantization: None, "int8" (quantize linear weights on load), "gptq" or "awq" (checkpoints in
       those formats; detected from config.json's quantization_config when None).
     kv_cache_bytes: KV-cache budget in bytes; None means `kv_cache_fraction` of free memory.
+    kv_cache_dtype: "auto" (the model's dtype) or float32 / bfloat16 / float16. A 16-bit cache
+      under a float32 model holds twice the tokens per byte and halves what decode attention
+      reads; keys and values are rounded when stored (like vLLM's kv_cache_dtype), so greedy
+      output can differ from the float32 reference.
     max_model_len: context limit; None means the model's own (max_position_embeddings).
     """
 
@@ -31,6 +35,7 @@ class EngineConfig:
     block_size: int = 16
     kv_cache_bytes: int | None = None
     kv_cache_fraction: float | None = None
+    kv_cache_dtype: str = "auto"
     max_num_seqs: int = 256
     max_num_batched_tokens: int = 2048
     max_model_len: int | None = None
@@ -46,6 +51,9 @@ class EngineConfig:
             raise ValueError("model: must be a non-empty string (directory, hub id or dummy:<preset>)")
         if self.dtype not in SUPPORTED_DTYPES:
             raise ValueError(f"dtype: {self.dtype!r} is not one of {', '.join(SUPPORTED_DTYPES)}")
+        if self.kv_cache_dtype != "auto" and self.kv_cache_dtype not in SUPPORTED_DTYPES:
+            raise ValueError(f"kv_cache_dtype: {self.kv_cache_dtype!r} is not 'auto' or one of "
+                             f"{', '.join(SUPPORTED_DTYPES)}")
         if self.device_type not in ("cpu", "cuda"):
             raise ValueError(f"device: {self.device!r} is not 'cpu' or 'cuda[:N]'")
         _require_positive("block_size", self.block_size)
@@ -66,6 +74,11 @@ class EngineConfig:
     @property
     def device_type(self) -> str:
         return str(self.device).split(":", 1)[0]
+
+    @property
+    def cache_dtype(self) -> str:
+        """The KV cache's dtype: kv_cache_dtype, or the model's dtype for "auto"."""
+        return self.dtype if self.kv_cache_dtype == "auto" else self.kv_cache_dtype
 
     @property
     def effective_kv_cache_fraction(self) -> float:

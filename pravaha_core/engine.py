@@ -57,10 +57,10 @@ class Engine:
         self.tokenizer = loaded.tokenizer
         self.max_model_len = loaded.max_model_len
         self.vocab_size = loaded.model.vocab_size
-        self.bytes_per_block = bytes_per_block(loaded.model, config.block_size, config.dtype)
+        self.bytes_per_block = bytes_per_block(loaded.model, config.block_size, config.cache_dtype)
         num_blocks = self._num_blocks(config)
         eos = self.tokenizer.eos_token_ids
-        self.runner = ModelRunner(loaded, num_blocks, config.block_size, config.dtype, config.device, eos,
+        self.runner = ModelRunner(loaded, num_blocks, config.block_size, config.cache_dtype, config.device, eos,
                                   config.native_kernels)
         self.block_manager = BlockManager(num_blocks, config.block_size, config.enable_prefix_caching)
         self.scheduler = Scheduler(self.block_manager, config.max_num_seqs,
@@ -145,7 +145,7 @@ class Engine:
                 "bytes_per_block": self.bytes_per_block,
                 "bytes_total": bm.num_blocks * self.bytes_per_block,
                 "blocks_free": bm.num_free_blocks, "blocks_used": bm.num_blocks - bm.num_free_blocks,
-                "dtype": self.config.dtype}
+                "dtype": self.config.cache_dtype}
 
     def model_info(self) -> dict:
         """quantization (method or None), dtype, weight_bytes (all parameters and buffers),

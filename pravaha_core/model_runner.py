@@ -25,14 +25,14 @@ def bytes_per_block(model, block_size: int, dtype: str) -> int:
 
 class ModelRunner:
     def __init__(self, loaded: LoadedModel, num_blocks: int, block_size: int,
-                 dtype: str, device: str, eos_token_ids: set[int], use_kernels: bool = True):
+                 cache_dtype: str, device: str, eos_token_ids: set[int], use_kernels: bool = True):
         self.model = loaded.model
         self.block_size = block_size
         self.device = torch.device(device)
         m = self.model
         shape = (2, m.num_layers, num_blocks, block_size, m.num_kv_heads, m.head_dim)
         # Zeroed: masked-out slots are still multiplied by 0 in attention, and 0 * NaN is NaN.
-        self.kv_cache = torch.zeros(shape, dtype=DTYPES[dtype], device=self.device)
+        self.kv_cache = torch.zeros(shape, dtype=DTYPES[cache_dtype], device=self.device)
         self.kv_caches = [(self.kv_cache[0, i], self.kv_cache[1, i]) for i in range(m.num_layers)]
         self.windows = set(m.sliding_windows)
         self.gqa_group = m.num_heads // m.num_kv_heads

@@ -14,6 +14,8 @@ def engine_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--kv-cache-bytes", type=int, default=None)
+    parser.add_argument("--kv-cache-dtype", default="auto", choices=["auto", "float32", "float16", "bfloat16"],
+                        help="KV cache dtype; auto: the model's (a 16-bit cache holds twice the tokens)")
     parser.add_argument("--max-num-seqs", type=int, default=256)
     parser.add_argument("--max-num-batched-tokens", type=int, default=2048)
     parser.add_argument("--load-format", default="auto", choices=["auto", "dummy"])
@@ -40,7 +42,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     from pravaha_core import Engine, SamplingParams
 
     engine = Engine(model=args.model, dtype=args.dtype, device=args.device, kv_cache_bytes=args.kv_cache_bytes,
-                    max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
+                    kv_cache_dtype=args.kv_cache_dtype, max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
                     load_format=args.load_format, quantization=args.quantization)
     return print_stream(engine.stream(args.prompt, SamplingParams(**sampling_dict(args))))
 

@@ -63,7 +63,8 @@ class Worker:
         self.config = config
         self.names = Names(config.stream, config.group, config.prefix)
         self.engine = engine or Engine(model=config.model, dtype=config.dtype, device=config.device,
-                                       kv_cache_bytes=config.kv_cache_bytes, max_num_seqs=config.max_num_seqs,
+                                       kv_cache_bytes=config.kv_cache_bytes, kv_cache_dtype=config.kv_cache_dtype,
+                                       max_num_seqs=config.max_num_seqs,
                                        max_num_batched_tokens=config.max_num_batched_tokens, seed=config.seed,
                                        quantization=config.quantization)
         self.redis = connection or redis.Redis.from_url(config.redis_url, socket_timeout=30,

@@ -23,6 +23,7 @@ class WorkerConfig:
     max_num_seqs: int = 256
     max_num_batched_tokens: int = 2048
     kv_cache_bytes: int | None = None
+    kv_cache_dtype: str = "auto"       # auto (the model's dtype) | float32 | bfloat16 | float16
     reclaim_idle_s: float = 60.0       # a pending entry idle this long belongs to a dead worker
     max_deliveries: int = 5            # past this many deliveries an entry is dead-lettered
     drain_timeout_s: float = 30.0      # SIGTERM: time to finish in-flight requests

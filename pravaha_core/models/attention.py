@@ -64,8 +64,9 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                     meta: AttentionMetadata, scale: float, window: int | None) -> torch.Tensor:
     """q: [T, H, D], k/v: [T, KVH, D], caches: [num_blocks, block_size, KVH, D] -> [T, H, D]."""
     num_kv_heads, head_dim = k_cache.shape[2], k_cache.shape[3]
-    k_cache.view(-1, num_kv_heads, head_dim).index_copy_(0, meta.slot_mapping, k)
-    v_cache.view(-1, num_kv_heads, head_dim).index_copy_(0, meta.slot_mapping, v)
+    # The cache may be narrower than the model (kv_cache_dtype): stored rounded, read widened.
+    k_cache.view(-1, num_kv_heads, head_dim).index_copy_(0, meta.slot_mapping, k.to(k_cache.dtype))
+    v_cache.view(-1, num_kv_heads, head_dim).index_copy_(0, meta.slot_mapping, v.to(v_cache.dtype))
     out = torch.empty_like(q)
     nd = meta.num_decode_tokens
     if meta.decode is not None:
@@ -123,6 +124,7 @@ def _attend(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: tor
     """q: [B, Q, H, D], keys/values: [B, L, KVH, D] -> [B, Q, H, D]."""
     b, nq, num_heads, head_dim = q.shape
     num_kv_heads = keys.shape[2]
+    keys, values = keys.to(q.dtype), values.to(q.dtype)            # no-op unless kv_cache_dtype differs
     group = num_heads // num_kv_heads
     # Heads h = kv * group + g share KV head kv: fold the group into the query axis.
     q = q.view(b, nq, num_kv_heads, group, head_dim).permute(0, 2, 3, 1, 4)
