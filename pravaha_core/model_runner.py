@@ -16,6 +16,15 @@ from .sequence import Sequence
 # (padding a batch of lengths 16..256 to the longest wastes over half the attention FLOPs).
 SPAN_MIN_MEAN_TOKENS = 64
 
+# With the native kernel's AVX-512 tile path (head_dim 64, GQA groups 2-4), prompt tokens
+# attend like decode rows: each query row reads its own causal context through the block
+# table, so no work is spent above the diagonal and nothing is padded or gathered. Measured
+# against the SDPA paths on a 2-core AVX-512 host (9/3 heads): 2.8x faster on W1's prompts
+# (16-256 tokens), 2.1x at 528-768, 1.3x at 2048. Longer contexts stop fitting in cache per
+# row, so they keep the SDPA paths; group 1 and groups over 4 measured slower, as did
+# head_dim 128 without the tile path.
+KERNEL_PREFILL_MAX_CONTEXT = 4096
+
 
 def bytes_per_block(model, block_size: int, dtype: str) -> int:
     """K and V of every layer for one block of `block_size` tokens."""
@@ -38,6 +47,8 @@ class ModelRunner:
         self.gqa_group = m.num_heads // m.num_kv_heads
         self.eos_token_ids = sorted(eos_token_ids)
         self.kernel = kernels.paged_decode() if self.device.type == "cpu" and use_kernels else None
+        self.kernel_prefill = (self.kernel is not None and getattr(self.kernel, "avx512", False)
+                               and m.head_dim == 64 and 2 <= self.gqa_group <= 4)
         if self.device.type == "cpu" and use_kernels:
             kernels.keep_large_allocations()
 
@@ -105,6 +116,14 @@ class ModelRunner:
         tables = torch.tensor([c.seq.block_table + [0] * (width - len(c.seq.block_table)) for c in chunks])
         slots = tables[seq_idx, positions // bs] * bs + positions % bs
         num_decode = int((lens == 1).sum())
+        input_ids = torch.tensor(ids, device=dev)
+        if self.kernel_prefill and num_decode < len(chunks) and \
+                int(positions.max()) < KERNEL_PREFILL_MAX_CONTEXT:
+            # Every token, prompt or decode, is one kernel row over its causal context.
+            rows = AttentionGroup(torch.zeros(0, dtype=torch.long, device=dev), None,
+                                  tables[seq_idx].to(dev), (positions + 1).to(dev), {})
+            meta = AttentionMetadata(slots.to(dev), len(ids), rows, None, self.kernel)
+            return input_ids, positions.to(dev), meta, (ends - 1).tolist()
         decode = prefill = None
         if num_decode:
             q_pos = (starts[:num_decode])[:, None]
@@ -123,7 +142,6 @@ class ModelRunner:
             else:
                 prefill = self._spans(chunks[num_decode:], tables[num_decode:], p_offsets.tolist())
         meta = AttentionMetadata(slots.to(dev), num_decode, decode, prefill, self.kernel)
-        input_ids = torch.tensor(ids, device=dev)
         return input_ids, positions.to(dev), meta, (ends - 1).tolist()
 
     def _spans(self, chunks: list[ScheduledChunk], tables, offsets: list[int]) -> AttentionGroup:

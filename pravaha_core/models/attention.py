@@ -4,7 +4,9 @@ Per step the runner builds one `AttentionMetadata`; every layer reuses it. Token
 flat batch come in two groups: single-token chunks (decode) first, then multi-token chunks
 (prefill). Decode attends straight from the blocks with the native CPU kernel when it is
 built, else as a padded batch over gathered blocks. Prefill chunks that start a sequence
-attend to their own K/V; later chunks gather their earlier blocks.
+attend to their own K/V; later chunks gather their earlier blocks. Where the kernel's AVX-512
+tile path applies (see model_runner.KERNEL_PREFILL_MAX_CONTEXT), the runner makes every token
+of the step a decode-style row instead: one kernel call, each row over its causal context.
 """
 
 from __future__ import annotations
