@@ -15,7 +15,7 @@ from torch import nn
 from . import kernels, quantization
 from .config import EngineConfig
 from .models import context_length, model_class
-from .models.layers import pack_linears, use_fused_ops
+from .models.layers import pack_linears, panel_gemm_preferred, use_fused_ops
 from .tokenizer import ByteTokenizer, HFTokenizer, Tokenizer
 
 log = logging.getLogger("pravaha.loader")
@@ -84,8 +84,9 @@ def load_model(config: EngineConfig) -> LoadedModel:
         elif spec is not None:
             quantization.finalize(model, spec, dtype)
     if config.native_kernels and torch.device(config.device).type == "cpu" and dtype == torch.float32:
-        log.info("oneDNN-packed float32 linear layers: %d", pack_linears(model))
         native = kernels.paged_decode()
+        log.info("packed float32 linear layers (%s): %d", "native panel GEMM" if panel_gemm_preferred(native)
+                 else "oneDNN", pack_linears(model, native))
         if native is not None:
             log.info("fused native RMSNorm / SiLU-multiply / rotary in %d modules", use_fused_ops(model, native))
     model.eval()

@@ -56,21 +56,27 @@ def model_flops(cfg: dict, reqs: list[Request], cached_prefix: int = 0) -> float
 
 def matmul_gflops(size: int = 2048, repeats: int = 5, trials: int = 5) -> dict:
     """The machine's best float32 matmul rate: the best of `trials` timings of `repeats`
-    [size x size] products, through torch's matmul (MKL on x86) and through a oneDNN-packed
-    linear layer (the engine's float32 CPU path), whichever is faster. A roofline must be the
-    best rate the hardware gives: on AMD hosts with AVX-512, MKL's sgemm reaches under half of
-    what oneDNN does (one timing also swings by 10-20% on a shared 2-core machine)."""
+    [size x size] products, through torch's matmul (MKL on x86), a oneDNN-packed linear layer
+    and the native panel GEMM (the engine's float32 CPU paths, see PackedLinear), whichever is
+    fastest. A roofline must be the best rate the hardware gives: on AMD hosts with AVX-512,
+    MKL's sgemm reaches under half of what oneDNN does; on AVX2 hosts the panel GEMM can beat
+    both (one timing also swings by 10-20% on a shared 2-core machine)."""
+    from pravaha_core import kernels
     from pravaha_core.models.layers import PackedLinear
 
     a, b = torch.randn(size, size), torch.randn(size, size)
     paths = {"torch.matmul": lambda: a @ b}
+    layer = torch.nn.Linear(size, size, bias=False)
+    layer.weight.data.copy_(b)
     try:
-        layer = torch.nn.Linear(size, size, bias=False)
-        layer.weight.data.copy_(b)
         packed = PackedLinear(layer)
         paths["oneDNN packed"] = lambda: packed(a)
     except (RuntimeError, AttributeError):     # no oneDNN in this torch build
         pass
+    native = kernels.paged_decode()
+    if native is not None and getattr(native, "panel_gemm", False):
+        panels = PackedLinear(layer, native)
+        paths["native panels"] = lambda: panels(a)
     rates = {}
     for name, product in paths.items():
         product()

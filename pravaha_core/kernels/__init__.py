@@ -1,7 +1,7 @@
 """Optional native kernels, compiled on first use with torch's C++ extension loader.
 
-`paged_decode()` returns the compiled module (paged decode attention, and the fused float32
-RMSNorm, SiLU-and-multiply and rotary steps), or None when it cannot be built (no compiler,
+`paged_decode()` returns the compiled module (paged decode attention, the fused float32
+RMSNorm, SiLU-and-multiply and rotary steps, and on AVX2 hosts the panel GEMM for linear layers), or None when it cannot be built (no compiler,
 no ninja, PRAVAHA_NO_KERNELS=1); the engine then uses its plain-torch paths.
 """
 
@@ -29,7 +29,8 @@ def paged_decode():
         # torch rebuilds when a source or a flag changes, not a header: the header's hash is a flag.
         with open(os.path.join(HERE, "vec_math.h"), "rb") as f:
             header = hashlib.sha1(f.read()).hexdigest()[:12]
-        return load(name=name, sources=[os.path.join(HERE, "paged_attention.cpp"), os.path.join(HERE, "fused.cpp")],
+        sources = [os.path.join(HERE, f) for f in ("paged_attention.cpp", "fused.cpp", "gemm.cpp")]
+        return load(name=name, sources=sources,
                     extra_cflags=["-O3", "-march=native", "-fopenmp", "-fno-trapping-math", "-fno-math-errno",
                                   f"-DPRAVAHA_VEC_MATH={header}"],
                     extra_ldflags=["-fopenmp"], verbose=False)

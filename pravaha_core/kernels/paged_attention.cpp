@@ -3,7 +3,8 @@
 // head_dim 64 and 128 are compiled as constants, and for head_dim 64 with GQA groups of 1 to 4
 // each KV head is done in one pass with its query heads in registers; softmax uses a
 // vectorizable exp. Threads take sequences one at a time (lengths differ). Where the compiler
-// targets AVX-512, head_dim 64 takes keys in tiles of 16 (attend_group64).
+// targets AVX-512, head_dim 64 takes keys in tiles of 16 (attend_group64); on AVX2 hosts in
+// tiles of 8.
 #include <torch/extension.h>
 #include <immintrin.h>
 #include <ATen/Parallel.h>
@@ -172,6 +173,118 @@ template <typename T>
 constexpr bool kLoads16 = std::is_same_v<T, float> || std::is_same_v<T, c10::BFloat16> || std::is_same_v<T, c10::Half>;
 #define PRAVAHA_GROUP_KERNEL(G) ([] { if constexpr (D == 64 && kLoads16<T>) return attend_group64<G, T>; \
                                       else return attend_group<D, G, T>; }())
+#elif defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
+// AVX2 version for head_dim 64: keys in tiles of 8 positions, each query head's 8 partial-sum
+// vectors reduced to 8 scores by one hadd tree (the scalar path spends a full horizontal sum
+// per score). The query comes from L1 as a memory operand: 8 query vectors do not fit next to
+// 8 accumulators in 16 registers. Values go in two passes of 32 dims (distinct cache lines,
+// so no extra memory traffic), G x 4 accumulators in registers. Keys and values two tiles
+// ahead are prefetched: blocks sit anywhere in the cache, beyond the hardware prefetcher's
+// reach (64 sequences, 30 layers, contexts of 132 / 300 on a 2-core AMD EPYC: 66 -> 43 ms and
+// 147 -> 106 ms against the scalar path; without the prefetch 47 and 119).
+constexpr int64_t kAhead = 16;   // positions
+
+template <typename T>
+inline const T* slot_at(const T* base, const int64_t* table, int64_t pos, int64_t block_size, int64_t slot) {
+  return base + (table[pos / block_size] * block_size + pos % block_size) * slot;
+}
+
+template <typename T>
+inline void prefetch_row(const T* row, int64_t bytes) {
+  for (int64_t l = 0; l < bytes; l += 64) _mm_prefetch(reinterpret_cast<const char*>(row) + l, _MM_HINT_T0);
+}
+inline __m256 load8(const float* p) { return _mm256_loadu_ps(p); }
+inline __m256 load8(const c10::BFloat16* p) {
+  const __m256i w = _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+  return _mm256_castsi256_ps(_mm256_slli_epi32(w, 16));
+}
+inline __m256 load8(const c10::Half* p) { return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))); }
+
+// r[j] (j < 8) -> one vector whose lane j is the sum of r[j]'s 8 lanes.
+inline __m256 reduce8(const __m256* r) {
+  const __m256 u0 = _mm256_hadd_ps(_mm256_hadd_ps(r[0], r[1]), _mm256_hadd_ps(r[2], r[3]));
+  const __m256 u1 = _mm256_hadd_ps(_mm256_hadd_ps(r[4], r[5]), _mm256_hadd_ps(r[6], r[7]));
+  return _mm256_add_ps(_mm256_permute2f128_ps(u0, u1, 0x20), _mm256_permute2f128_ps(u0, u1, 0x31));
+}
+
+template <int G, typename T>
+void attend_group64(const float* qg, const T* kp, const T* vp, const int64_t* table, int64_t ctx, int64_t first,
+                    int64_t slot, int64_t block_size, float scale, float* sc, float* out) {
+  constexpr int D = 64;
+  const int64_t n = ctx - first;
+  alignas(32) float q[G][D];
+  for (int g = 0; g < G; ++g)
+    for (int i = 0; i < D; ++i) q[g][i] = qg[g * D + i] * scale;
+  __m256 mx[G];
+  for (int g = 0; g < G; ++g) mx[g] = _mm256_set1_ps(-INFINITY);
+  const __m256i lanes = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+  const T* rows[8];
+  for (int64_t pos0 = first; pos0 < ctx; pos0 += 8) {
+    const int cnt = static_cast<int>(std::min<int64_t>(8, ctx - pos0));
+    for (int j = 0; j < 8; ++j) {          // a partial tile repeats its last key: same max
+      const int64_t pos = pos0 + std::min(j, cnt - 1);
+      rows[j] = slot_at(kp, table, pos, block_size, slot);
+    }
+    const __m256i live = _mm256_cmpgt_epi32(_mm256_set1_epi32(cnt), lanes);
+    if (pos0 + kAhead < ctx)
+      for (int64_t pos = pos0 + kAhead; pos < std::min(ctx, pos0 + kAhead + 8); ++pos)
+        prefetch_row(slot_at(kp, table, pos, block_size, slot), D * sizeof(T));
+    for (int g = 0; g < G; ++g) {
+      __m256 r[8];
+#pragma GCC unroll 8
+      for (int j = 0; j < 8; ++j) {
+        __m256 acc = _mm256_mul_ps(_mm256_load_ps(q[g]), load8(rows[j]));
+#pragma GCC unroll 8
+        for (int c = 1; c < 8; ++c) acc = _mm256_fmadd_ps(_mm256_load_ps(q[g] + 8 * c), load8(rows[j] + 8 * c), acc);
+        r[j] = acc;
+      }
+      const __m256 s = reduce8(r);
+      _mm256_maskstore_ps(sc + g * n + (pos0 - first), live, s);
+      mx[g] = _mm256_max_ps(mx[g], s);
+    }
+  }
+  float inv[G];
+  for (int g = 0; g < G; ++g) {
+    alignas(32) float lane_max[8];
+    _mm256_store_ps(lane_max, mx[g]);
+    const float m = *std::max_element(lane_max, lane_max + 8);
+    float* row = sc + g * n;
+    float sum = 0;
+#pragma omp simd reduction(+ : sum)
+    for (int64_t i = 0; i < n; ++i) {
+      row[i] = exp_nonpositive(row[i] - m);
+      sum += row[i];
+    }
+    inv[g] = 1.f / sum;
+  }
+  for (int half = 0; half < 2; ++half) {
+    __m256 a[G][4];
+#pragma GCC unroll 4
+    for (int g = 0; g < G; ++g)
+      for (int c = 0; c < 4; ++c) a[g][c] = _mm256_setzero_ps();
+    for (int64_t pos = first; pos < ctx; ++pos) {
+      const T* v = slot_at(vp, table, pos, block_size, slot) + 32 * half;
+      if (pos + kAhead < ctx) prefetch_row(slot_at(vp, table, pos + kAhead, block_size, slot) + 32 * half, 32 * sizeof(T));
+      const __m256 v0 = load8(v), v1 = load8(v + 8), v2 = load8(v + 16), v3 = load8(v + 24);
+#pragma GCC unroll 4
+      for (int g = 0; g < G; ++g) {
+        const __m256 pg = _mm256_broadcast_ss(sc + g * n + pos - first);
+        a[g][0] = _mm256_fmadd_ps(pg, v0, a[g][0]);
+        a[g][1] = _mm256_fmadd_ps(pg, v1, a[g][1]);
+        a[g][2] = _mm256_fmadd_ps(pg, v2, a[g][2]);
+        a[g][3] = _mm256_fmadd_ps(pg, v3, a[g][3]);
+      }
+    }
+#pragma GCC unroll 4
+    for (int g = 0; g < G; ++g)
+      for (int c = 0; c < 4; ++c)
+        _mm256_storeu_ps(out + g * D + 32 * half + 8 * c, _mm256_mul_ps(a[g][c], _mm256_set1_ps(inv[g])));
+  }
+}
+template <typename T>
+constexpr bool kLoads8 = std::is_same_v<T, float> || std::is_same_v<T, c10::BFloat16> || std::is_same_v<T, c10::Half>;
+#define PRAVAHA_GROUP_KERNEL(G) ([] { if constexpr (D == 64 && kLoads8<T>) return attend_group64<G, T>; \
+                                      else return attend_group<D, G, T>; }())
 #else
 #define PRAVAHA_GROUP_KERNEL(G) attend_group<D, G, T>
 #endif
@@ -299,6 +412,12 @@ torch::Tensor silu_mul(torch::Tensor gate_up);
 void rotary_(torch::Tensor qkv, torch::Tensor positions, torch::Tensor cos, torch::Tensor sin,
              int64_t num_rotated_heads, int64_t head_dim);
 
+#if defined(__AVX2__) && defined(__FMA__)
+// gemm.cpp
+torch::Tensor pack_panels(torch::Tensor w);
+torch::Tensor panel_linear(torch::Tensor x, torch::Tensor panels, c10::optional<torch::Tensor> bias, int64_t N);
+#endif
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("paged_decode_attention", &paged_decode_attention, "decode attention over a paged KV cache (CPU)");
 #if defined(__AVX512F__)
@@ -309,4 +428,12 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("rms_norm", &rms_norm, "RMSNorm over the last dim (float32)");
   m.def("silu_mul", &silu_mul, "silu(gate) * up of a fused [T, 2I] gate/up output (float32)");
   m.def("rotary_", &rotary_, "rotate-half rotary embedding of q and k, in place in the fused qkv (float32)");
+#if defined(__AVX2__) && defined(__FMA__)
+  m.attr("panel_gemm") = true;
+  m.def("pack_panels", &pack_panels, "a float32 [N, K] weight as [ceil(N/16), K, 16] column panels");
+  m.def("panel_linear", &panel_linear, "x @ w.T + bias over packed panels (float32, AVX2)",
+        py::arg("x"), py::arg("panels"), py::arg("bias"), py::arg("N"));
+#else
+  m.attr("panel_gemm") = false;
+#endif
 }
