@@ -16,13 +16,14 @@ from .sequence import Sequence
 # (padding a batch of lengths 16..256 to the longest wastes over half the attention FLOPs).
 SPAN_MIN_MEAN_TOKENS = 64
 
-# With the native kernel's AVX-512 tile path (head_dim 64, GQA groups 2-4), prompt tokens
-# attend like decode rows: each query row reads its own causal context through the block
-# table, so no work is spent above the diagonal and nothing is padded or gathered. Measured
-# against the SDPA paths on a 2-core AVX-512 host (9/3 heads): 2.8x faster on W1's prompts
-# (16-256 tokens), 2.1x at 528-768, 1.3x at 2048. Longer contexts stop fitting in cache per
-# row, so they keep the SDPA paths; group 1 and groups over 4 measured slower, as did
-# head_dim 128 without the tile path.
+# With the native kernel's tile path (head_dim 64, GQA groups 2-4; `tile64`: AVX-512 or AVX2),
+# prompt tokens attend like decode rows: each query row reads its own causal context through
+# the block table, so no work is spent above the diagonal and nothing is padded or gathered.
+# Measured against the SDPA paths on a 2-core AVX-512 host (9/3 heads): 2.8x faster on W1's
+# prompts (16-256 tokens), 2.1x at 528-768, 1.3x at 2048; on a 2-core AVX2 host, where the
+# linears dominate prefill, W1's whole prefill 3% faster at 9/3 heads, 7% at 8/2. Longer
+# contexts stop fitting in cache per row, so they keep the SDPA paths; group 1 and groups
+# over 4 measured slower, as did head_dim 128 without the tile path.
 KERNEL_PREFILL_MAX_CONTEXT = 4096
 
 
@@ -47,7 +48,7 @@ class ModelRunner:
         self.gqa_group = m.num_heads // m.num_kv_heads
         self.eos_token_ids = sorted(eos_token_ids)
         self.kernel = kernels.paged_decode() if self.device.type == "cpu" and use_kernels else None
-        self.kernel_prefill = (self.kernel is not None and getattr(self.kernel, "avx512", False)
+        self.kernel_prefill = (self.kernel is not None and getattr(self.kernel, "tile64", False)
                                and m.head_dim == 64 and 2 <= self.gqa_group <= 4)
         if self.device.type == "cpu" and use_kernels:
             kernels.keep_large_allocations()

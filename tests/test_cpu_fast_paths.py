@@ -156,16 +156,17 @@ def test_long_fresh_prompts_match_hf(tmp_path, family, native_kernels):
 @pytest.mark.parametrize("family,heads,kv_heads,window", [("llama", 4, 2, None), ("llama", 4, 1, None),
                                                           ("qwen2", 6, 2, None), ("mistral", 4, 1, 24)])
 def test_prompt_rows_through_the_kernel_match_hf(tmp_path, family, heads, kv_heads, window):
-    """head_dim 64 with GQA groups 2-4: on AVX-512 hosts every prompt token is a kernel row over
-    its causal context (KERNEL_PREFILL_MAX_CONTEXT). Fresh prompts, later chunks of a chunked
-    prompt, prefix-cache hits and a sliding window: greedy output token-identical to HF."""
+    """head_dim 64 with GQA groups 2-4: where the kernel has a tile path (AVX-512 or AVX2), every
+    prompt token is a kernel row over its causal context (KERNEL_PREFILL_MAX_CONTEXT). Fresh
+    prompts, later chunks of a chunked prompt, prefix-cache hits and a sliding window: greedy
+    output token-identical to HF."""
     extra = {} if window is None else {"sliding_window": window}
     path = make_checkpoint(family, str(tmp_path / family), seed=3, hidden_size=64 * heads, num_attention_heads=heads,
                            num_key_value_heads=kv_heads, intermediate_size=256, **extra)
     engine = Engine(path, kv_cache_bytes=1 << 24, max_num_batched_tokens=48)
     runner = engine.runner
     assert runner.model.head_dim == 64 and 2 <= runner.gqa_group <= 4
-    assert runner.kernel_prefill == bool(getattr(runner.kernel, "avx512", False))
+    assert runner.kernel_prefill == bool(runner.kernel.tile64)
     tok = engine.tokenizer
     shared = tok.encode("Blocks of sixteen tokens hold the keys and values of every layer. " * 2)
     prompts = [shared + tok.encode(" The first question is short."), tok.encode("0123456789 " * 9),

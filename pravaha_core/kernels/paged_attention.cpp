@@ -422,8 +422,13 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("paged_decode_attention", &paged_decode_attention, "decode attention over a paged KV cache (CPU)");
 #if defined(__AVX512F__)
   m.attr("avx512") = true;     // head_dim 64 with GQA groups 1-4 takes the 16-key tile path
+  m.attr("tile64") = true;
+#elif defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
+  m.attr("avx512") = false;
+  m.attr("tile64") = true;     // the 8-key AVX2 tile path
 #else
   m.attr("avx512") = false;
+  m.attr("tile64") = false;
 #endif
   m.def("rms_norm", &rms_norm, "RMSNorm over the last dim (float32)");
   m.def("silu_mul", &silu_mul, "silu(gate) * up of a fused [T, 2I] gate/up output (float32)");
