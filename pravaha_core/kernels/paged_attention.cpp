@@ -20,6 +20,17 @@ namespace {
 
 using pravaha::exp_nonpositive;
 
+// row[i] = exp(row[i] - max) in place (max: the row's maximum); returns 1 / the sum.
+inline float exp_in_place(float* row, int64_t n, float max) {
+  float sum = 0;
+#pragma omp simd reduction(+ : sum)
+  for (int64_t i = 0; i < n; ++i) {
+    row[i] = exp_nonpositive(row[i] - max);
+    sum += row[i];
+  }
+  return 1.f / sum;
+}
+
 template <typename T>
 inline float to_float(T x) { return static_cast<float>(x); }
 
@@ -54,17 +65,7 @@ void attend_group(const float* qg, const T* kp, const T* vp, const int64_t* tabl
     }
   }
   float inv[G];
-  for (int g = 0; g < G; ++g) {
-    float* row = sc + g * n;
-    float sum = 0;
-    const float m = mx[g];
-#pragma omp simd reduction(+ : sum)
-    for (int64_t i = 0; i < n; ++i) {
-      row[i] = exp_nonpositive(row[i] - m);
-      sum += row[i];
-    }
-    inv[g] = 1.f / sum;
-  }
+  for (int g = 0; g < G; ++g) inv[g] = exp_in_place(sc + g * n, n, mx[g]);
   float a[G][D];
   for (int g = 0; g < G; ++g)
     for (int i = 0; i < D; ++i) a[g][i] = 0.f;
@@ -141,17 +142,7 @@ void attend_group64(const float* qg, const T* kp, const T* vp, const int64_t* ta
     }
   }
   float inv[G];
-  for (int g = 0; g < G; ++g) {
-    float* row = sc + g * n;
-    float sum = 0;
-    const float m = _mm512_reduce_max_ps(mx[g]);
-#pragma omp simd reduction(+ : sum)
-    for (int64_t i = 0; i < n; ++i) {
-      row[i] = exp_nonpositive(row[i] - m);
-      sum += row[i];
-    }
-    inv[g] = 1.f / sum;
-  }
+  for (int g = 0; g < G; ++g) inv[g] = exp_in_place(sc + g * n, n, _mm512_reduce_max_ps(mx[g]));
   __m512 a[G][4];
   for (int g = 0; g < G; ++g)
     for (int c = 0; c < 4; ++c) a[g][c] = _mm512_setzero_ps();
@@ -247,15 +238,7 @@ void attend_group64(const float* qg, const T* kp, const T* vp, const int64_t* ta
   for (int g = 0; g < G; ++g) {
     alignas(32) float lane_max[8];
     _mm256_store_ps(lane_max, mx[g]);
-    const float m = *std::max_element(lane_max, lane_max + 8);
-    float* row = sc + g * n;
-    float sum = 0;
-#pragma omp simd reduction(+ : sum)
-    for (int64_t i = 0; i < n; ++i) {
-      row[i] = exp_nonpositive(row[i] - m);
-      sum += row[i];
-    }
-    inv[g] = 1.f / sum;
+    inv[g] = exp_in_place(sc + g * n, n, *std::max_element(lane_max, lane_max + 8));
   }
   for (int half = 0; half < 2; ++half) {
     __m256 a[G][4];
@@ -329,14 +312,7 @@ void attend_one(const float* qb, const T* kp, const T* vp, const int64_t* table,
   std::vector<float> inv(num_heads);
   for (int64_t h = 0; h < num_heads; ++h) {
     float* sc = scores.data() + h * n;
-    const float mx = *std::max_element(sc, sc + n);
-    float sum = 0;
-#pragma omp simd reduction(+ : sum)
-    for (int64_t i = 0; i < n; ++i) {
-      sc[i] = exp_nonpositive(sc[i] - mx);
-      sum += sc[i];
-    }
-    inv[h] = 1.f / sum;
+    inv[h] = exp_in_place(sc, n, *std::max_element(sc, sc + n));
   }
   for (int64_t pos = first; pos < ctx; ++pos) {
     const T* value = vp + (table[pos / block_size] * block_size + pos % block_size) * slot;
