@@ -31,32 +31,34 @@ def test_packed_linear_matches_linear(shape, bias):
 @pytest.mark.parametrize("bias", [False, True])
 @pytest.mark.parametrize("shape", [(576, 960), (64, 17), (13, 7), (1, 1), (7, 16), (33, 100)])
 def test_panel_linear_matches_linear(native, shape, bias):
-    """The native AVX2 panel GEMM: N not a multiple of the 16-wide panels, row counts around its
-    6-row tiles, none at all, a 3-D input, and (K 64, 1100 rows) more than one pass of rows."""
+    """The native panel GEMM: N not a multiple of the panels (16 wide on AVX2, 32 on AVX-512),
+    row counts around its tiles (6 rows on AVX2, 12 on AVX-512, rows split evenly over them),
+    none at all, a 3-D input, and (K 64, 1100 rows) more than one pass of rows."""
     if not native.panel_gemm:
         pytest.skip("the panel GEMM is compiled only for AVX2 + FMA hosts")
     torch.manual_seed(shape[1])
     layer = nn.Linear(*shape, bias=bias)
     packed = PackedLinear(layer, native)
-    for rows in (0, 1, 5, 6, 7, 13, 64, 301) + ((1100,) if shape[0] == 64 else ()):
+    for rows in (0, 1, 5, 6, 7, 11, 12, 13, 25, 64, 301) + ((1100,) if shape[0] == 64 else ()):
         x = torch.randn(rows, shape[0])
         torch.testing.assert_close(packed(x), layer(x), rtol=1e-5, atol=1e-5)
     x = torch.randn(2, 3, shape[0])
     torch.testing.assert_close(packed(x), layer(x), rtol=1e-5, atol=1e-5)
     assert torch.equal(packed.weight, layer.weight.detach())
-    assert packed.nbytes == -(-shape[1] // 16) * 16 * shape[0] * 4
+    width = 32 if native.avx512 else 16
+    assert packed.nbytes == -(-shape[1] // width) * width * shape[0] * 4
     with pytest.raises(RuntimeError, match="features"):
         packed(torch.randn(2, shape[0] + 1))
 
 
 def test_pack_linears_takes_panels_where_preferred(native):
-    """AVX2 hosts without AVX-512 get the panel GEMM, others oneDNN's layout; with panels,
-    greedy output is unchanged against the plain torch model."""
+    """Hosts with the panel GEMM (AVX2 + FMA, AVX-512 included) take it, others oneDNN's layout;
+    with panels, every linear's weight is kept exactly."""
     engine = Engine("dummy:llama-tiny", kv_cache_bytes=1 << 20)
     head = engine.runner.model.lm_head
     assert isinstance(head, PackedLinear)
     assert (head.native is not None) == panel_gemm_preferred(native)
-    assert panel_gemm_preferred(native) == (native.panel_gemm and not native.avx512)
+    assert panel_gemm_preferred(native) == native.panel_gemm
     assert not panel_gemm_preferred(None)
     if not native.panel_gemm:
         return

@@ -411,8 +411,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("rotary_", &rotary_, "rotate-half rotary embedding of q and k, in place in the fused qkv (float32)");
 #if defined(__AVX2__) && defined(__FMA__)
   m.attr("panel_gemm") = true;
-  m.def("pack_panels", &pack_panels, "a float32 [N, K] weight as [ceil(N/16), K, 16] column panels");
-  m.def("panel_linear", &panel_linear, "x @ w.T + bias over packed panels (float32, AVX2)",
+  m.def("pack_panels", &pack_panels, "a float32 [N, K] weight as [ceil(N/P), K, P] column panels (P: 32 on AVX-512, else 16)");
+  m.def("panel_linear", &panel_linear, "x @ w.T + bias over packed panels (float32, AVX2 or AVX-512)",
         py::arg("x"), py::arg("panels"), py::arg("bias"), py::arg("N"));
 #else
   m.attr("panel_gemm") = false;
