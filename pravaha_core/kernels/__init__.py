@@ -24,14 +24,19 @@ def paged_decode():
     try:
         from torch.utils.cpp_extension import load
 
-        name = f"pravaha_paged_attention_{platform.machine()}"
+        # PRAVAHA_KERNEL_MARCH: the -march to build for (default: this CPU); e.g. "haswell" runs
+        # the AVX2 paths on an AVX-512 host, for tests and for images shared across CPU kinds.
+        march = os.environ.get("PRAVAHA_KERNEL_MARCH", "native")
+        if not march.replace("-", "").replace("_", "").isalnum():
+            raise ValueError(f"PRAVAHA_KERNEL_MARCH: {march!r} is not a -march value")
+        name = f"pravaha_paged_attention_{platform.machine()}" + ("" if march == "native" else f"_{march.replace('-', '_')}")
         log.info("loading the native paged-attention kernel (the first use on a machine compiles it: ~40 s)")
         # torch rebuilds when a source or a flag changes, not a header: the header's hash is a flag.
         with open(os.path.join(HERE, "vec_math.h"), "rb") as f:
             header = hashlib.sha1(f.read()).hexdigest()[:12]
         sources = [os.path.join(HERE, f) for f in ("paged_attention.cpp", "fused.cpp", "gemm.cpp")]
         return load(name=name, sources=sources,
-                    extra_cflags=["-O3", "-march=native", "-fopenmp", "-fno-trapping-math", "-fno-math-errno",
+                    extra_cflags=["-O3", f"-march={march}", "-fopenmp", "-fno-trapping-math", "-fno-math-errno",
                                   f"-DPRAVAHA_VEC_MATH={header}"],
                     extra_ldflags=["-fopenmp"], verbose=False)
     except Exception as exc:  # noqa: BLE001 - any build failure means: use the torch path

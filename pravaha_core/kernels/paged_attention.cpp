@@ -51,16 +51,15 @@ inline float dot(const float* q, const T* k, int64_t d) {
 // One sequence, one KV head and its G query heads: the G queries and G output rows live in
 // registers while the head's keys, then values, stream past once.
 template <int D, int G, typename T>
-void attend_group(const float* qg, const T* kp, const T* vp, const int64_t* table, int64_t ctx, int64_t first,
-                  int64_t slot, int64_t block_size, float scale, float* sc, float* out) {
-  const int64_t n = ctx - first;
+void attend_group(const float* qg, const T* kp, const T* vp, const int64_t* offs, int64_t n, float scale,
+                  float* sc, float* out) {
   float mx[G];
   for (int g = 0; g < G; ++g) mx[g] = -INFINITY;
-  for (int64_t pos = first; pos < ctx; ++pos) {
-    const T* key = kp + (table[pos / block_size] * block_size + pos % block_size) * slot;
+  for (int64_t pos = 0; pos < n; ++pos) {
+    const T* key = kp + offs[pos];
     for (int g = 0; g < G; ++g) {
       const float s = dot<D>(qg + g * D, key, D) * scale;
-      sc[g * n + pos - first] = s;
+      sc[g * n + pos] = s;
       mx[g] = std::max(mx[g], s);
     }
   }
@@ -69,16 +68,26 @@ void attend_group(const float* qg, const T* kp, const T* vp, const int64_t* tabl
   float a[G][D];
   for (int g = 0; g < G; ++g)
     for (int i = 0; i < D; ++i) a[g][i] = 0.f;
-  for (int64_t pos = first; pos < ctx; ++pos) {
-    const T* v = vp + (table[pos / block_size] * block_size + pos % block_size) * slot;
+  for (int64_t pos = 0; pos < n; ++pos) {
+    const T* v = vp + offs[pos];
     for (int g = 0; g < G; ++g) {
-      const float p = sc[g * n + pos - first];
+      const float p = sc[g * n + pos];
 #pragma omp simd
       for (int i = 0; i < D; ++i) a[g][i] += p * to_float(v[i]);
     }
   }
   for (int g = 0; g < G; ++g)
     for (int i = 0; i < D; ++i) out[g * D + i] = a[g][i] * inv[g];
+}
+
+#ifndef AHEAD
+#define AHEAD 16
+#endif
+constexpr int64_t kAhead = AHEAD;   // positions
+
+template <typename T>
+inline void prefetch_row(const T* row, int64_t bytes) {
+  for (int64_t l = 0; l < bytes; l += 64) _mm_prefetch(reinterpret_cast<const char*>(row) + l, _MM_HINT_T0);
 }
 
 #if defined(__AVX512F__)
@@ -112,23 +121,22 @@ inline __m512 reduce16(__m512* r) {
 }
 
 template <int G, typename T>
-void attend_group64(const float* qg, const T* kp, const T* vp, const int64_t* table, int64_t ctx, int64_t first,
-                    int64_t slot, int64_t block_size, float scale, float* sc, float* out) {
+void attend_group64(const float* qg, const T* kp, const T* vp, const int64_t* offs, int64_t n, float scale,
+                    float* sc, float* out) {
   constexpr int D = 64;
-  const int64_t n = ctx - first;
   __m512 q[G][4], mx[G];
   for (int g = 0; g < G; ++g) {
     for (int c = 0; c < 4; ++c) q[g][c] = _mm512_mul_ps(_mm512_loadu_ps(qg + g * D + 16 * c), _mm512_set1_ps(scale));
     mx[g] = _mm512_set1_ps(-INFINITY);
   }
   const T* rows[16];
-  for (int64_t pos0 = first; pos0 < ctx; pos0 += 16) {
-    const int cnt = static_cast<int>(std::min<int64_t>(16, ctx - pos0));
-    for (int j = 0; j < 16; ++j) {
-      const int64_t pos = pos0 + std::min(j, cnt - 1);
-      rows[j] = kp + (table[pos / block_size] * block_size + pos % block_size) * slot;
-    }
+  for (int64_t pos0 = 0; pos0 < n; pos0 += 16) {
+    const int cnt = static_cast<int>(std::min<int64_t>(16, n - pos0));
+    for (int j = 0; j < 16; ++j) rows[j] = kp + offs[pos0 + std::min(j, cnt - 1)];
     const __mmask16 live = cnt == 16 ? 0xFFFF : static_cast<__mmask16>((1u << cnt) - 1);
+    // Keys a tile ahead; past the last key, the first values.
+    for (int64_t pos = pos0 + kAhead; pos < std::min(2 * n, pos0 + kAhead + 16); ++pos)
+      prefetch_row(pos < n ? kp + offs[pos] : vp + offs[pos - n], D * sizeof(T));
     for (int g = 0; g < G; ++g) {
       __m512 r[16];
       for (int j = 0; j < 16; ++j) {
@@ -137,7 +145,7 @@ void attend_group64(const float* qg, const T* kp, const T* vp, const int64_t* ta
         r[j] = acc;
       }
       const __m512 s = reduce16(r);
-      _mm512_mask_storeu_ps(sc + g * n + (pos0 - first), live, s);
+      _mm512_mask_storeu_ps(sc + g * n + pos0, live, s);
       mx[g] = _mm512_mask_max_ps(mx[g], live, mx[g], s);
     }
   }
@@ -146,11 +154,12 @@ void attend_group64(const float* qg, const T* kp, const T* vp, const int64_t* ta
   __m512 a[G][4];
   for (int g = 0; g < G; ++g)
     for (int c = 0; c < 4; ++c) a[g][c] = _mm512_setzero_ps();
-  for (int64_t pos = first; pos < ctx; ++pos) {
-    const T* v = vp + (table[pos / block_size] * block_size + pos % block_size) * slot;
+  for (int64_t pos = 0; pos < n; ++pos) {
+    const T* v = vp + offs[pos];
+    if (pos + kAhead < n) prefetch_row(vp + offs[pos + kAhead], D * sizeof(T));
     const __m512 v0 = load16(v), v1 = load16(v + 16), v2 = load16(v + 32), v3 = load16(v + 48);
     for (int g = 0; g < G; ++g) {
-      const __m512 p = _mm512_set1_ps(sc[g * n + pos - first]);
+      const __m512 p = _mm512_set1_ps(sc[g * n + pos]);
       a[g][0] = _mm512_fmadd_ps(p, v0, a[g][0]);
       a[g][1] = _mm512_fmadd_ps(p, v1, a[g][1]);
       a[g][2] = _mm512_fmadd_ps(p, v2, a[g][2]);
@@ -173,17 +182,6 @@ constexpr bool kLoads16 = std::is_same_v<T, float> || std::is_same_v<T, c10::BFl
 // ahead are prefetched: blocks sit anywhere in the cache, beyond the hardware prefetcher's
 // reach (64 sequences, 30 layers, contexts of 132 / 300 on a 2-core AMD EPYC: 66 -> 43 ms and
 // 147 -> 106 ms against the scalar path; without the prefetch 47 and 119).
-constexpr int64_t kAhead = 16;   // positions
-
-template <typename T>
-inline const T* slot_at(const T* base, const int64_t* table, int64_t pos, int64_t block_size, int64_t slot) {
-  return base + (table[pos / block_size] * block_size + pos % block_size) * slot;
-}
-
-template <typename T>
-inline void prefetch_row(const T* row, int64_t bytes) {
-  for (int64_t l = 0; l < bytes; l += 64) _mm_prefetch(reinterpret_cast<const char*>(row) + l, _MM_HINT_T0);
-}
 inline __m256 load8(const float* p) { return _mm256_loadu_ps(p); }
 inline __m256 load8(const c10::BFloat16* p) {
   const __m256i w = _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
@@ -199,10 +197,9 @@ inline __m256 reduce8(const __m256* r) {
 }
 
 template <int G, typename T>
-void attend_group64(const float* qg, const T* kp, const T* vp, const int64_t* table, int64_t ctx, int64_t first,
-                    int64_t slot, int64_t block_size, float scale, float* sc, float* out) {
+void attend_group64(const float* qg, const T* kp, const T* vp, const int64_t* offs, int64_t n, float scale,
+                    float* sc, float* out) {
   constexpr int D = 64;
-  const int64_t n = ctx - first;
   alignas(32) float q[G][D];
   for (int g = 0; g < G; ++g)
     for (int i = 0; i < D; ++i) q[g][i] = qg[g * D + i] * scale;
@@ -210,16 +207,11 @@ void attend_group64(const float* qg, const T* kp, const T* vp, const int64_t* ta
   for (int g = 0; g < G; ++g) mx[g] = _mm256_set1_ps(-INFINITY);
   const __m256i lanes = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
   const T* rows[8];
-  for (int64_t pos0 = first; pos0 < ctx; pos0 += 8) {
-    const int cnt = static_cast<int>(std::min<int64_t>(8, ctx - pos0));
-    for (int j = 0; j < 8; ++j) {          // a partial tile repeats its last key: same max
-      const int64_t pos = pos0 + std::min(j, cnt - 1);
-      rows[j] = slot_at(kp, table, pos, block_size, slot);
-    }
+  for (int64_t pos0 = 0; pos0 < n; pos0 += 8) {
+    const int cnt = static_cast<int>(std::min<int64_t>(8, n - pos0));
+    for (int j = 0; j < 8; ++j) rows[j] = kp + offs[pos0 + std::min(j, cnt - 1)];   // a partial tile repeats its last key: same max
     const __m256i live = _mm256_cmpgt_epi32(_mm256_set1_epi32(cnt), lanes);
-    if (pos0 + kAhead < ctx)
-      for (int64_t pos = pos0 + kAhead; pos < std::min(ctx, pos0 + kAhead + 8); ++pos)
-        prefetch_row(slot_at(kp, table, pos, block_size, slot), D * sizeof(T));
+    for (int64_t pos = pos0 + kAhead; pos < std::min(n, pos0 + kAhead + 8); ++pos) prefetch_row(kp + offs[pos], D * sizeof(T));
     for (int g = 0; g < G; ++g) {
       __m256 r[8];
 #pragma GCC unroll 8
@@ -230,7 +222,7 @@ void attend_group64(const float* qg, const T* kp, const T* vp, const int64_t* ta
         r[j] = acc;
       }
       const __m256 s = reduce8(r);
-      _mm256_maskstore_ps(sc + g * n + (pos0 - first), live, s);
+      _mm256_maskstore_ps(sc + g * n + pos0, live, s);
       mx[g] = _mm256_max_ps(mx[g], s);
     }
   }
@@ -245,13 +237,13 @@ void attend_group64(const float* qg, const T* kp, const T* vp, const int64_t* ta
 #pragma GCC unroll 4
     for (int g = 0; g < G; ++g)
       for (int c = 0; c < 4; ++c) a[g][c] = _mm256_setzero_ps();
-    for (int64_t pos = first; pos < ctx; ++pos) {
-      const T* v = slot_at(vp, table, pos, block_size, slot) + 32 * half;
-      if (pos + kAhead < ctx) prefetch_row(slot_at(vp, table, pos + kAhead, block_size, slot) + 32 * half, 32 * sizeof(T));
+    for (int64_t pos = 0; pos < n; ++pos) {
+      const T* v = vp + offs[pos] + 32 * half;
+      if (pos + kAhead < n) prefetch_row(vp + offs[pos + kAhead] + 32 * half, 32 * sizeof(T));
       const __m256 v0 = load8(v), v1 = load8(v + 8), v2 = load8(v + 16), v3 = load8(v + 24);
 #pragma GCC unroll 4
       for (int g = 0; g < G; ++g) {
-        const __m256 pg = _mm256_broadcast_ss(sc + g * n + pos - first);
+        const __m256 pg = _mm256_broadcast_ss(sc + g * n + pos);
         a[g][0] = _mm256_fmadd_ps(pg, v0, a[g][0]);
         a[g][1] = _mm256_fmadd_ps(pg, v1, a[g][1]);
         a[g][2] = _mm256_fmadd_ps(pg, v2, a[g][2]);
@@ -273,21 +265,20 @@ constexpr bool kLoads8 = std::is_same_v<T, float> || std::is_same_v<T, c10::BFlo
 #endif
 
 template <int D, typename T>
-bool attend_grouped(const float* qb, const T* kp, const T* vp, const int64_t* table, int64_t ctx, int64_t first,
-                    int64_t num_heads, int64_t num_kv_heads, int64_t block_size, float scale,
-                    std::vector<float>& scores, float* out) {
-  const int64_t group = num_heads / num_kv_heads, slot = num_kv_heads * D;
-  scores.resize(group * (ctx - first));
+bool attend_grouped(const float* qb, const T* kp, const T* vp, const int64_t* offs, int64_t n, int64_t num_heads,
+                    int64_t num_kv_heads, float scale, std::vector<float>& scores, float* out) {
+  const int64_t group = num_heads / num_kv_heads;
+  scores.resize(group * n);
   for (int64_t kvh = 0; kvh < num_kv_heads; ++kvh) {
     const float* qg = qb + kvh * group * D;
     float* og = out + kvh * group * D;
     const T* k0 = kp + kvh * D;
     const T* v0 = vp + kvh * D;
     switch (group) {
-      case 1: PRAVAHA_GROUP_KERNEL(1)(qg, k0, v0, table, ctx, first, slot, block_size, scale, scores.data(), og); break;
-      case 2: PRAVAHA_GROUP_KERNEL(2)(qg, k0, v0, table, ctx, first, slot, block_size, scale, scores.data(), og); break;
-      case 3: PRAVAHA_GROUP_KERNEL(3)(qg, k0, v0, table, ctx, first, slot, block_size, scale, scores.data(), og); break;
-      case 4: PRAVAHA_GROUP_KERNEL(4)(qg, k0, v0, table, ctx, first, slot, block_size, scale, scores.data(), og); break;
+      case 1: PRAVAHA_GROUP_KERNEL(1)(qg, k0, v0, offs, n, scale, scores.data(), og); break;
+      case 2: PRAVAHA_GROUP_KERNEL(2)(qg, k0, v0, offs, n, scale, scores.data(), og); break;
+      case 3: PRAVAHA_GROUP_KERNEL(3)(qg, k0, v0, offs, n, scale, scores.data(), og); break;
+      case 4: PRAVAHA_GROUP_KERNEL(4)(qg, k0, v0, offs, n, scale, scores.data(), og); break;
       default: return false;
     }
   }
@@ -297,27 +288,27 @@ bool attend_grouped(const float* qb, const T* kp, const T* vp, const int64_t* ta
 // One sequence, all heads: each token's K (then V) slot, every KV head, is read once, in order.
 // D > 0: head_dim known at compile time (loops fully unrolled).
 template <int D, typename T>
-void attend_one(const float* qb, const T* kp, const T* vp, const int64_t* table, int64_t ctx, int64_t first,
-                int64_t num_heads, int64_t num_kv_heads, int64_t d, int64_t block_size, float scale,
-                std::vector<float>& scores, std::vector<float>& acc, float* out) {
+void attend_one(const float* qb, const T* kp, const T* vp, const int64_t* offs, int64_t n, int64_t num_heads,
+                int64_t num_kv_heads, int64_t d, float scale, std::vector<float>& scores, std::vector<float>& acc,
+                float* out) {
   const int64_t head_dim = D > 0 ? D : d;
-  const int64_t group = num_heads / num_kv_heads, slot = num_kv_heads * head_dim, n = ctx - first;
+  const int64_t group = num_heads / num_kv_heads;
   scores.resize(num_heads * n);
   acc.assign(num_heads * head_dim, 0.f);
-  for (int64_t pos = first; pos < ctx; ++pos) {
-    const T* key = kp + (table[pos / block_size] * block_size + pos % block_size) * slot;
+  for (int64_t pos = 0; pos < n; ++pos) {
+    const T* key = kp + offs[pos];
     for (int64_t h = 0; h < num_heads; ++h)
-      scores[h * n + (pos - first)] = dot<D>(qb + h * head_dim, key + (h / group) * head_dim, head_dim) * scale;
+      scores[h * n + pos] = dot<D>(qb + h * head_dim, key + (h / group) * head_dim, head_dim) * scale;
   }
   std::vector<float> inv(num_heads);
   for (int64_t h = 0; h < num_heads; ++h) {
     float* sc = scores.data() + h * n;
     inv[h] = exp_in_place(sc, n, *std::max_element(sc, sc + n));
   }
-  for (int64_t pos = first; pos < ctx; ++pos) {
-    const T* value = vp + (table[pos / block_size] * block_size + pos % block_size) * slot;
+  for (int64_t pos = 0; pos < n; ++pos) {
+    const T* value = vp + offs[pos];
     for (int64_t h = 0; h < num_heads; ++h) {
-      const float p = scores[h * n + (pos - first)];
+      const float p = scores[h * n + pos];
       const T* v = value + (h / group) * head_dim;
       float* a = acc.data() + h * head_dim;
 #pragma omp simd
@@ -344,22 +335,27 @@ void decode_kernel(const torch::Tensor& q, const torch::Tensor& k_cache, const t
 #pragma omp parallel num_threads(at::get_num_threads())
   {
     std::vector<float> scores, acc;
+    std::vector<int64_t> offs;
 #pragma omp for schedule(dynamic, 1)
     for (int64_t b = 0; b < batch; ++b) {
       const int64_t ctx = lp[b], first = window > 0 ? std::max<int64_t>(0, ctx - window) : 0;
       const float* qb = qp + b * num_heads * head_dim;
       float* ob = op + b * num_heads * head_dim;
+      // Each position's slot (element offset of its K/V row), looked up once for every head.
       const int64_t* table = tp + b * max_blocks;
+      const int64_t n = ctx - first, slot = num_kv_heads * head_dim;
+      offs.resize(n);
+      for (int64_t pos = first; pos < ctx; ++pos)
+        offs[pos - first] = (table[pos / block_size] * block_size + pos % block_size) * slot;
       const float s = static_cast<float>(scale);
-      if (head_dim == 64 && attend_grouped<64>(qb, kp, vp, table, ctx, first, num_heads, num_kv_heads,
-                                                 block_size, s, scores, ob))
+      if (head_dim == 64 && attend_grouped<64>(qb, kp, vp, offs.data(), n, num_heads, num_kv_heads, s, scores, ob))
         continue;
       if (head_dim == 64)
-        attend_one<64>(qb, kp, vp, table, ctx, first, num_heads, num_kv_heads, 64, block_size, s, scores, acc, ob);
+        attend_one<64>(qb, kp, vp, offs.data(), n, num_heads, num_kv_heads, 64, s, scores, acc, ob);
       else if (head_dim == 128)
-        attend_one<128>(qb, kp, vp, table, ctx, first, num_heads, num_kv_heads, 128, block_size, s, scores, acc, ob);
+        attend_one<128>(qb, kp, vp, offs.data(), n, num_heads, num_kv_heads, 128, s, scores, acc, ob);
       else
-        attend_one<0>(qb, kp, vp, table, ctx, first, num_heads, num_kv_heads, head_dim, block_size, s, scores, acc, ob);
+        attend_one<0>(qb, kp, vp, offs.data(), n, num_heads, num_kv_heads, head_dim, s, scores, acc, ob);
     }
   }
 }
