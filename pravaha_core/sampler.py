@@ -104,7 +104,9 @@ def sample(logits: torch.Tensor, batch: SamplingBatch) -> SamplerOutput:
     if batch.suppress is not None:
         logits = logits.index_put((batch.suppress[:, 0], batch.suppress[:, 1]),
                                   torch.tensor(float("-inf"), device=logits.device))
-    tokens = logits.argmax(dim=-1)
+    # max(dim).indices: the same first-maximum rule as argmax (NaN counts as the maximum), and
+    # 3x faster on CPU (64 x 49152 logits: 0.74 vs 2.25 ms on 2 threads).
+    tokens = logits.max(dim=-1).indices
     if not batch.all_greedy:
         temps = torch.where(batch.temperature > 0, batch.temperature, 1.0)
         scaled = logits / temps[:, None]
