@@ -80,3 +80,36 @@ def test_head_dim_64_model_greedy_matches_hf(tmp_path, kv_heads):
     outs = engine.generate(prompts, SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True))
     for prompt, out in zip(prompts, outs):
         assert out.token_ids == hf_greedy(path, prompt, 12)
+
+
+@pytest.mark.parametrize("group", [1, 3])
+def test_attention_step_writes_then_attends(native, group):
+    """`paged_attention_step` (the float32 fast path: write the step's K/V, then attend in one
+    call) equals index_copy into the cache followed by `paged_decode_attention`, on strided
+    views of a fused qkv output; prompt rows of one sequence see the keys written in the same
+    step; a slot outside the cache is an error, not a stray write."""
+    gen = torch.Generator().manual_seed(group)
+    kv_heads, head_dim, block = 2, 64, BLOCK
+    heads = kv_heads * group
+    num_blocks = 12
+    k_cache = torch.randn(num_blocks, block, kv_heads, head_dim, generator=gen)
+    v_cache = torch.randn(num_blocks, block, kv_heads, head_dim, generator=gen)
+    # Rows: one decode row at position 40 (blocks 3, 7, 1), then a 5-token prompt at 0..4 (block 5).
+    tables = torch.tensor([[3, 7, 1], [5, 0, 0], [5, 0, 0], [5, 0, 0], [5, 0, 0], [5, 0, 0]])
+    lens = torch.tensor([41, 1, 2, 3, 4, 5])
+    slots = torch.tensor([1 * block + 8, 5 * block + 0, 5 * block + 1, 5 * block + 2, 5 * block + 3, 5 * block + 4])
+    qkv = torch.randn(6, (heads + 2 * kv_heads) * head_dim, generator=gen)
+    q, k, v = qkv.split([heads * head_dim, kv_heads * head_dim, kv_heads * head_dim], dim=-1)
+    q, k, v = q.view(6, heads, head_dim), k.view(6, kv_heads, head_dim), v.view(6, kv_heads, head_dim)
+    assert not q.is_contiguous()
+    k_want, v_want = k_cache.clone(), v_cache.clone()
+    k_want.view(-1, kv_heads, head_dim).index_copy_(0, slots, k)
+    v_want.view(-1, kv_heads, head_dim).index_copy_(0, slots, v)
+    want = native.paged_decode_attention(q.contiguous(), k_want, v_want, tables, lens, 0.125, -1)
+    got = native.paged_attention_step(q, k, v, k_cache, v_cache, slots, tables, lens, 0.125, -1)
+    assert torch.equal(k_cache, k_want) and torch.equal(v_cache, v_want)
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
+    torch.testing.assert_close(got, reference(q.contiguous(), k_cache, v_cache, tables, lens, 0.125, -1),
+                               rtol=1e-5, atol=1e-5)
+    with pytest.raises(RuntimeError, match="out of range"):
+        native.paged_attention_step(q, k, v, k_cache, v_cache, slots + num_blocks * block, tables, lens, 0.125, -1)

@@ -323,7 +323,7 @@ template <typename T>
 void decode_kernel(const torch::Tensor& q, const torch::Tensor& k_cache, const torch::Tensor& v_cache,
                    const torch::Tensor& block_tables, const torch::Tensor& context_lens, double scale,
                    int64_t window, torch::Tensor& out) {
-  const int64_t batch = q.size(0), num_heads = q.size(1), head_dim = q.size(2);
+  const int64_t batch = q.size(0), num_heads = q.size(1), head_dim = q.size(2), q_row = q.stride(0);
   const int64_t block_size = k_cache.size(1), num_kv_heads = k_cache.size(2), max_blocks = block_tables.size(1);
   const float* qp = q.data_ptr<float>();
   const T* kp = k_cache.data_ptr<T>();
@@ -339,7 +339,7 @@ void decode_kernel(const torch::Tensor& q, const torch::Tensor& k_cache, const t
 #pragma omp for schedule(dynamic, 1)
     for (int64_t b = 0; b < batch; ++b) {
       const int64_t ctx = lp[b], first = window > 0 ? std::max<int64_t>(0, ctx - window) : 0;
-      const float* qb = qp + b * num_heads * head_dim;
+      const float* qb = qp + b * q_row;
       float* ob = op + b * num_heads * head_dim;
       // Each position's slot (element offset of its K/V row), looked up once for every head.
       const int64_t* table = tp + b * max_blocks;
@@ -362,20 +362,68 @@ void decode_kernel(const torch::Tensor& q, const torch::Tensor& k_cache, const t
 
 }  // namespace
 
+namespace {
+
+// q [B, H, D] with rows of any stride (e.g. a view of the fused qkv output), heads contiguous.
+torch::Tensor rows_with_contiguous_heads(const torch::Tensor& x) {
+  return x.stride(2) == 1 && x.stride(1) == x.size(2) ? x : x.contiguous();
+}
+
+torch::Tensor attend_cache(torch::Tensor q, const torch::Tensor& k_cache, const torch::Tensor& v_cache,
+                           const torch::Tensor& block_tables, const torch::Tensor& context_lens, double scale,
+                           int64_t window) {
+  TORCH_CHECK(q.dim() == 3 && k_cache.dim() == 4 && q.scalar_type() == torch::kFloat32);
+  TORCH_CHECK(k_cache.is_contiguous() && v_cache.is_contiguous() && block_tables.is_contiguous());
+  TORCH_CHECK(block_tables.scalar_type() == torch::kLong && context_lens.scalar_type() == torch::kLong &&
+              block_tables.size(0) == q.size(0) && context_lens.numel() == q.size(0),
+              "paged attention: int64 block_tables [B, M] and context_lens [B]");
+  q = rows_with_contiguous_heads(q);
+  auto out = torch::empty({q.size(0), q.size(1), q.size(2)}, q.options());
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::ScalarType::BFloat16, at::ScalarType::Half, k_cache.scalar_type(),
+                                  "paged_decode_attention", [&] {
+    decode_kernel<scalar_t>(q, k_cache, v_cache, block_tables, context_lens.contiguous(), scale, window, out);
+  });
+  return out;
+}
+
+}  // namespace
+
 // q: [B, H, D] float32; caches: [num_blocks, block_size, KVH, D]; block_tables: [B, M] int64;
 // context_lens: [B] int64 (the query is the last position). Returns [B, H, D] float32.
 torch::Tensor paged_decode_attention(torch::Tensor q, torch::Tensor k_cache, torch::Tensor v_cache,
                                      torch::Tensor block_tables, torch::Tensor context_lens, double scale,
                                      int64_t window) {
-  TORCH_CHECK(q.dim() == 3 && k_cache.dim() == 4 && q.scalar_type() == torch::kFloat32);
-  TORCH_CHECK(k_cache.is_contiguous() && v_cache.is_contiguous() && block_tables.is_contiguous());
-  q = q.contiguous();
-  auto out = torch::empty_like(q);
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::ScalarType::BFloat16, at::ScalarType::Half, k_cache.scalar_type(),
-                                  "paged_decode_attention", [&] {
-    decode_kernel<scalar_t>(q, k_cache, v_cache, block_tables, context_lens, scale, window, out);
-  });
-  return out;
+  return attend_cache(q, k_cache, v_cache, block_tables, context_lens, scale, window);
+}
+
+// One layer's attention step for float32 caches in one call: write the step's k, v [T, KVH, D]
+// into their slots (slot_mapping [T]), then every row of q attends over its context. Rows of
+// q, k and v may be strided views of the fused qkv output (no copies).
+torch::Tensor paged_attention_step(torch::Tensor q, torch::Tensor k, torch::Tensor v, torch::Tensor k_cache,
+                                   torch::Tensor v_cache, torch::Tensor slot_mapping, torch::Tensor block_tables,
+                                   torch::Tensor context_lens, double scale, int64_t window) {
+  TORCH_CHECK(k_cache.scalar_type() == torch::kFloat32 && v_cache.scalar_type() == torch::kFloat32 &&
+              k.scalar_type() == torch::kFloat32 && v.scalar_type() == torch::kFloat32,
+              "paged_attention_step: float32 k, v and caches");
+  TORCH_CHECK(k.dim() == 3 && v.sizes() == k.sizes() && k.size(1) == k_cache.size(2) && k.size(2) == k_cache.size(3) &&
+              k_cache.sizes() == v_cache.sizes() && k_cache.is_contiguous() && v_cache.is_contiguous(),
+              "paged_attention_step: k, v [T, KVH, D] matching the caches");
+  TORCH_CHECK(slot_mapping.scalar_type() == torch::kLong && slot_mapping.numel() == k.size(0),
+              "paged_attention_step: int64 slot_mapping [T]");
+  k = rows_with_contiguous_heads(k);
+  v = rows_with_contiguous_heads(v);
+  const auto slots = slot_mapping.contiguous();
+  const int64_t T = k.size(0), row = k.size(1) * k.size(2), capacity = k_cache.size(0) * k_cache.size(1);
+  const int64_t* sp = slots.data_ptr<int64_t>();
+  const float *kp = k.data_ptr<float>(), *vp = v.data_ptr<float>();
+  float *kc = k_cache.data_ptr<float>(), *vc = v_cache.data_ptr<float>();
+  for (int64_t t = 0; t < T; ++t)     // all checked before anything is written
+    TORCH_CHECK(sp[t] >= 0 && sp[t] < capacity, "paged_attention_step: slot ", sp[t], " out of range");
+  for (int64_t t = 0; t < T; ++t) {
+    std::memcpy(kc + sp[t] * row, kp + t * k.stride(0), row * sizeof(float));
+    std::memcpy(vc + sp[t] * row, vp + t * v.stride(0), row * sizeof(float));
+  }
+  return attend_cache(q, k_cache, v_cache, block_tables, context_lens, scale, window);
 }
 
 // fused.cpp
@@ -392,6 +440,8 @@ torch::Tensor panel_linear(torch::Tensor x, torch::Tensor panels, c10::optional<
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("paged_decode_attention", &paged_decode_attention, "decode attention over a paged KV cache (CPU)");
+  m.def("paged_attention_step", &paged_attention_step,
+        "write a step's K/V into a float32 paged cache, then attend every row over its context (CPU)");
 #if defined(__AVX512F__)
   m.attr("avx512") = true;     // head_dim 64 with GQA groups 1-4 takes the 16-key tile path
   m.attr("tile64") = true;

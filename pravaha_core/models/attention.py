@@ -66,6 +66,13 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                     meta: AttentionMetadata, scale: float, window: int | None) -> torch.Tensor:
     """q: [T, H, D], k/v: [T, KVH, D], caches: [num_blocks, block_size, KVH, D] -> [T, H, D]."""
     num_kv_heads, head_dim = k_cache.shape[2], k_cache.shape[3]
+    if (meta.kernel is not None and meta.prefill is None and meta.decode is not None
+            and q.dtype == k_cache.dtype == torch.float32):
+        # Every row attends through the kernel (decode, or prompt rows where the kernel's tile
+        # path serves prefill): one native call writes the step's K/V and attends.
+        grp = meta.decode
+        return meta.kernel.paged_attention_step(q, k, v, k_cache, v_cache, meta.slot_mapping, grp.block_tables,
+                                                grp.context_lens, scale, window or -1)
     # The cache may be narrower than the model (kv_cache_dtype): stored rounded, read widened.
     k_cache.view(-1, num_kv_heads, head_dim).index_copy_(0, meta.slot_mapping, k.to(k_cache.dtype))
     v_cache.view(-1, num_kv_heads, head_dim).index_copy_(0, meta.slot_mapping, v.to(v_cache.dtype))
