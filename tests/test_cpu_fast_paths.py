@@ -110,6 +110,26 @@ def test_fused_rms_norm(native, rows, hidden):
     torch.testing.assert_close(norm(x), want, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("rows,hidden", [(1, 64), (7, 576), (300, 100)])
+def test_fused_add_rms_norm_carries_the_residual(native, rows, hidden):
+    """norm(x, residual): the residual stream gains x in place (bit-exact: one float add per
+    element either way) and the norm is of the sum, fused or not."""
+    torch.manual_seed(hidden)
+    norm = RMSNorm(hidden, 1e-5)
+    norm.weight.data = torch.randn(hidden)
+    x, stream = torch.randn(rows, hidden), torch.randn(rows, hidden) * 3
+    want_sum = stream + x
+    plain_stream = stream.clone()
+    want, back = norm(x, plain_stream)
+    assert back is plain_stream and torch.equal(plain_stream, want_sum)
+    norm.fused = native
+    fused_stream = stream.clone()
+    got, back = norm(x, fused_stream)
+    assert back is fused_stream and torch.equal(fused_stream, want_sum)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(got, norm(want_sum), rtol=0, atol=0)
+
+
 @pytest.mark.parametrize("rows,inter", [(1, 172), (9, 1536), (300, 3)])
 def test_fused_silu_mul(native, rows, inter):
     torch.manual_seed(inter)

@@ -13,14 +13,23 @@ int64_t grain(int64_t row_len) { return std::max<int64_t>(1, 16384 / std::max<in
 
 }  // namespace
 
-// x: [T, H]; weight: [H]. weight * (x / sqrt(mean(x^2) + eps)), like HF's LlamaRMSNorm in float32.
-torch::Tensor rms_norm(torch::Tensor x, torch::Tensor weight, double eps) {
+namespace {
+
+// out[t] = weight * (r / sqrt(mean(r^2) + eps)) for each row r of x; with `residual`, first
+// residual[t] += x[t] in place and r is that sum (a residual add and the next norm in one pass).
+torch::Tensor norm_rows(torch::Tensor x, torch::Tensor* residual, torch::Tensor weight, double eps) {
   TORCH_CHECK(x.dim() == 2 && x.scalar_type() == torch::kFloat32 && weight.scalar_type() == torch::kFloat32,
               "rms_norm: float32 [T, H]");
   x = x.contiguous();
   weight = weight.contiguous();
   const int64_t T = x.size(0), H = x.size(1);
   TORCH_CHECK(weight.numel() == H, "rms_norm: weight size");
+  float* rp = nullptr;
+  if (residual != nullptr) {
+    TORCH_CHECK(residual->sizes() == x.sizes() && residual->is_contiguous() &&
+                residual->scalar_type() == torch::kFloat32, "add_rms_norm_: residual must be a contiguous float32 [T, H]");
+    rp = residual->data_ptr<float>();
+  }
   auto out = torch::empty_like(x);
   const float* xp = x.data_ptr<float>();
   const float* wp = weight.data_ptr<float>();
@@ -28,6 +37,11 @@ torch::Tensor rms_norm(torch::Tensor x, torch::Tensor weight, double eps) {
   at::parallel_for(0, T, grain(H), [&](int64_t begin, int64_t end) {
     for (int64_t t = begin; t < end; ++t) {
       const float* row = xp + t * H;
+      if (rp != nullptr) {
+        float* r = rp + t * H;
+        for (int64_t h = 0; h < H; ++h) r[h] += row[h];
+        row = r;
+      }
       float lanes[16] = {0};
       int64_t i = 0;
       for (; i + 16 <= H; i += 16)
@@ -41,6 +55,17 @@ torch::Tensor rms_norm(torch::Tensor x, torch::Tensor weight, double eps) {
     }
   });
   return out;
+}
+
+}  // namespace
+
+// x: [T, H]; weight: [H]. weight * (x / sqrt(mean(x^2) + eps)), like HF's LlamaRMSNorm in float32.
+torch::Tensor rms_norm(torch::Tensor x, torch::Tensor weight, double eps) { return norm_rows(x, nullptr, weight, eps); }
+
+// residual += x (in place), then rms_norm(residual): the residual add that ends one sublayer and
+// the norm that starts the next.
+torch::Tensor add_rms_norm_(torch::Tensor x, torch::Tensor residual, torch::Tensor weight, double eps) {
+  return norm_rows(x, &residual, weight, eps);
 }
 
 // gate_up: [T, 2I] (gate, then up) -> [T, I] = silu(gate) * up.

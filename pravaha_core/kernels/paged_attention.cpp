@@ -428,6 +428,7 @@ torch::Tensor paged_attention_step(torch::Tensor q, torch::Tensor k, torch::Tens
 
 // fused.cpp
 torch::Tensor rms_norm(torch::Tensor x, torch::Tensor weight, double eps);
+torch::Tensor add_rms_norm_(torch::Tensor x, torch::Tensor residual, torch::Tensor weight, double eps);
 torch::Tensor silu_mul(torch::Tensor gate_up);
 void rotary_(torch::Tensor qkv, torch::Tensor positions, torch::Tensor cos, torch::Tensor sin,
              int64_t num_rotated_heads, int64_t head_dim);
@@ -453,6 +454,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.attr("tile64") = false;
 #endif
   m.def("rms_norm", &rms_norm, "RMSNorm over the last dim (float32)");
+  m.def("add_rms_norm_", &add_rms_norm_, "residual += x in place, then RMSNorm of residual (float32)");
   m.def("silu_mul", &silu_mul, "silu(gate) * up of a fused [T, 2I] gate/up output (float32)");
   m.def("rotary_", &rotary_, "rotate-half rotary embedding of q and k, in place in the fused qkv (float32)");
 #if defined(__AVX2__) && defined(__FMA__)

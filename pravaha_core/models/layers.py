@@ -18,8 +18,16 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(hidden_size))
         self.eps = eps
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.fused is not None and x.dtype == torch.float32 and x.dim() == 2:
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None):
+        """norm(x); with `residual`, (norm(residual + x), residual + x), the sum written into
+        `residual` in place (the layer's residual stream, as vLLM carries it)."""
+        fast = self.fused is not None and x.dtype == torch.float32 and x.dim() == 2
+        if residual is not None:
+            if fast and residual.dtype == torch.float32 and residual.is_contiguous():
+                return self.fused.add_rms_norm_(x, residual, self.weight, self.eps), residual
+            residual += x
+            return self.forward(residual), residual
+        if fast:
             return self.fused.rms_norm(x, self.weight, self.eps)
         dtype = x.dtype
         x = x.float()
@@ -103,6 +111,8 @@ class PackedLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.native is None:
             return torch.ops.mkldnn._linear_pointwise(x.contiguous(), self.packed, self.bias, "none", [], "")
+        if x.dim() == 2:
+            return self.native.panel_linear(x, self.packed, self.bias, self.out_features)
         flat = x.reshape(-1, x.shape[-1])
         out = self.native.panel_linear(flat, self.packed, self.bias, self.out_features)
         return out.view(*x.shape[:-1], self.out_features)
