@@ -51,6 +51,31 @@ def test_panel_linear_matches_linear(native, shape, bias):
         packed(torch.randn(2, shape[0] + 1))
 
 
+@pytest.mark.parametrize("bias", [False, True])
+@pytest.mark.parametrize("inter,k", [(1536, 576), (17, 64), (8, 7), (1, 5)])
+def test_panel_linear_glu_fuses_silu_mul(native, inter, k, bias):
+    """A gate/up projection packed with `glu` returns silu(gate) * up from its GEMM epilogue:
+    bit-identical to the unfused panels followed by the native silu_mul (same accumulation
+    order per column), for intermediate sizes not a multiple of the half panels; its dense
+    weight round-trips exactly."""
+    if not native.panel_gemm:
+        pytest.skip("the panel GEMM is compiled only for AVX2 + FMA hosts")
+    torch.manual_seed(inter + k)
+    layer = nn.Linear(k, 2 * inter, bias=bias)
+    fused, plain = PackedLinear(layer, native, glu=True), PackedLinear(layer, native)
+    for rows in (0, 1, 7, 13, 64, 301):
+        x = torch.randn(rows, k)
+        got = fused(x)
+        assert got.shape == (rows, inter)
+        assert torch.equal(got, native.silu_mul(plain(x)))
+        gate, up = layer(x).chunk(2, dim=-1)
+        torch.testing.assert_close(got, torch.nn.functional.silu(gate) * up, rtol=1e-5, atol=1e-5)
+    assert fused(torch.randn(2, 3, k)).shape == (2, 3, inter)
+    assert torch.equal(fused.weight, layer.weight.detach())
+    with pytest.raises(ValueError, match="even"):
+        PackedLinear(nn.Linear(4, 5), native, glu=True)
+
+
 def test_pack_linears_takes_panels_where_preferred(native):
     """Hosts with the panel GEMM (AVX2 + FMA, AVX-512 included) take it, others oneDNN's layout;
     with panels, every linear's weight is kept exactly."""
@@ -68,6 +93,7 @@ def test_pack_linears_takes_panels_where_preferred(native):
     for name, weight in dense.items():
         layer = model.get_submodule(name)
         assert layer.native is native and torch.equal(layer.weight, weight)
+        assert layer.glu == name.endswith("mlp.gate_up_proj")
 
 
 def test_pack_linears_packs_every_float32_layer_and_a_tied_head():

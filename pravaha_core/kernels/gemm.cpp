@@ -15,12 +15,19 @@
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 
+#include "vec_math.h"
+
 #if defined(__AVX2__) && defined(__FMA__)
 #include <immintrin.h>
 
 namespace {
 
 constexpr int64_t kChunkBytes = 256 << 10;   // rows of x per pass over the panels: about half an L2
+
+// A GLU panel's epilogue: out[j] = silu(gate[j]) * up[j], the same formula as silu_mul.
+inline void glu_store(const float* gate, const float* up, float* out, int cols) {
+  for (int j = 0; j < cols; ++j) out[j] = pravaha::silu(gate[j]) * up[j];
+}
 
 #if defined(__AVX512F__)
 // AVX-512: 32-column panels, a 12x32 tile in 24 zmm accumulators (two weight loads and twelve
@@ -31,7 +38,7 @@ constexpr bool kSingleTilePrefetch = true;
 
 template <int MR>
 void tile(const float* x, int64_t K, const float* panel, const float* bias, float* y, int64_t ldy, int nr,
-          const char* pf, int64_t pf_lines) {
+          const char* pf, int64_t pf_lines, int glu_cols) {
   __m512 a0[MR], a1[MR];
 #pragma GCC unroll 16
   for (int i = 0; i < MR; ++i) { a0[i] = _mm512_setzero_ps(); a1[i] = _mm512_setzero_ps(); }
@@ -53,6 +60,15 @@ void tile(const float* x, int64_t K, const float* panel, const float* bias, floa
 #pragma GCC unroll 16
     for (int i = 0; i < MR; ++i) { a0[i] = _mm512_add_ps(a0[i], b0); a1[i] = _mm512_add_ps(a1[i], b1); }
   }
+  if (glu_cols > 0) {            // a0: gate, a1: up -> silu(gate) * up
+    alignas(64) float g[16], u[16];
+    for (int i = 0; i < MR; ++i) {
+      _mm512_store_ps(g, a0[i]);
+      _mm512_store_ps(u, a1[i]);
+      glu_store(g, u, y + i * ldy, glu_cols);
+    }
+    return;
+  }
 #pragma GCC unroll 16
   for (int i = 0; i < MR; ++i) {
     _mm512_mask_storeu_ps(y + i * ldy, m0, a0[i]);
@@ -60,7 +76,7 @@ void tile(const float* x, int64_t K, const float* panel, const float* bias, floa
   }
 }
 
-using TileFn = void (*)(const float*, int64_t, const float*, const float*, float*, int64_t, int, const char*, int64_t);
+using TileFn = void (*)(const float*, int64_t, const float*, const float*, float*, int64_t, int, const char*, int64_t, int);
 constexpr TileFn kTiles[kRows + 1] = {nullptr, tile<1>, tile<2>, tile<3>, tile<4>, tile<5>, tile<6>,
                                       tile<7>, tile<8>, tile<9>, tile<10>, tile<11>, tile<12>};
 #else
@@ -75,7 +91,7 @@ constexpr bool kSingleTilePrefetch = false;
 // Meanwhile prefetch `pf_lines` cache lines from `pf`, one per step of k.
 template <int MR>
 void tile(const float* x, int64_t K, const float* panel, const float* bias, float* y, int64_t ldy, int nr,
-          const char* pf, int64_t pf_lines) {
+          const char* pf, int64_t pf_lines, int glu_cols) {
   __m256 a0[MR], a1[MR];
 #pragma GCC unroll 8
   for (int i = 0; i < MR; ++i) { a0[i] = _mm256_setzero_ps(); a1[i] = _mm256_setzero_ps(); }
@@ -97,6 +113,15 @@ void tile(const float* x, int64_t K, const float* panel, const float* bias, floa
 #pragma GCC unroll 8
     for (int i = 0; i < MR; ++i) { a0[i] = _mm256_add_ps(a0[i], b0); a1[i] = _mm256_add_ps(a1[i], b1); }
   }
+  if (glu_cols > 0) {            // a0: gate, a1: up -> silu(gate) * up
+    alignas(32) float g[8], u[8];
+    for (int i = 0; i < MR; ++i) {
+      _mm256_store_ps(g, a0[i]);
+      _mm256_store_ps(u, a1[i]);
+      glu_store(g, u, y + i * ldy, glu_cols);
+    }
+    return;
+  }
   if (nr == kPanel) {
 #pragma GCC unroll 8
     for (int i = 0; i < MR; ++i) { _mm256_storeu_ps(y + i * ldy, a0[i]); _mm256_storeu_ps(y + i * ldy + 8, a1[i]); }
@@ -106,35 +131,59 @@ void tile(const float* x, int64_t K, const float* panel, const float* bias, floa
   }
 }
 
-using TileFn = void (*)(const float*, int64_t, const float*, const float*, float*, int64_t, int, const char*, int64_t);
+using TileFn = void (*)(const float*, int64_t, const float*, const float*, float*, int64_t, int, const char*, int64_t, int);
 constexpr TileFn kTiles[kRows + 1] = {nullptr, tile<1>, tile<2>, tile<3>, tile<4>, tile<5>, tile<6>};
 
 #endif
 
 }  // namespace
 
-torch::Tensor pack_panels(torch::Tensor w) {
+// glu: w is a fused gate/up weight [2I, K] (gate rows, then up rows); each panel holds P/2 gate
+// columns, then the same P/2 up columns, so that its tile ends in silu(gate) * up.
+torch::Tensor pack_panels(torch::Tensor w, bool glu) {
   TORCH_CHECK(w.dim() == 2 && w.scalar_type() == torch::kFloat32, "pack_panels: float32 [N, K]");
+  if (glu) {
+    TORCH_CHECK(w.size(0) % 2 == 0, "pack_panels: a GLU weight has an even number of rows (gate, then up)");
+    const int64_t I = w.size(0) / 2, K = w.size(1), half = kPanel / 2, NP = (I + half - 1) / half;
+    auto gate = torch::zeros({NP * half, K}, w.options()), up = torch::zeros({NP * half, K}, w.options());
+    gate.narrow(0, 0, I).copy_(w.narrow(0, 0, I));
+    up.narrow(0, 0, I).copy_(w.narrow(0, I, I));
+    return torch::cat({gate.view({NP, half, K}), up.view({NP, half, K})}, 1).transpose(1, 2).contiguous();
+  }
   const int64_t N = w.size(0), K = w.size(1), NP = (N + kPanel - 1) / kPanel;
   auto padded = torch::zeros({NP * kPanel, K}, w.options());
   padded.narrow(0, 0, N).copy_(w);
   return padded.view({NP, kPanel, K}).transpose(1, 2).contiguous();
 }
 
-torch::Tensor panel_linear(torch::Tensor x, torch::Tensor panels, c10::optional<torch::Tensor> bias, int64_t N) {
+// y = x @ w.T + bias: [M, N]; with glu (panels packed with glu, N = 2I), silu(gate) * up: [M, I].
+torch::Tensor panel_linear(torch::Tensor x, torch::Tensor panels, c10::optional<torch::Tensor> bias, int64_t N,
+                           bool glu) {
   TORCH_CHECK(x.dim() == 2 && x.scalar_type() == torch::kFloat32, "panel_linear: x must be float32 [M, K]");
   TORCH_CHECK(panels.dim() == 3 && panels.is_contiguous() && panels.scalar_type() == torch::kFloat32 &&
               panels.size(2) == kPanel, "panel_linear: panels must come from pack_panels");
   const int64_t M = x.size(0), K = x.size(1), NP = panels.size(0);
   TORCH_CHECK(panels.size(1) == K, "panel_linear: x has ", K, " features, the weight ", panels.size(1));
-  TORCH_CHECK(N > (NP - 1) * kPanel && N <= NP * kPanel, "panel_linear: N does not match the panels");
+  // Output columns per panel, and in all.
+  const int64_t cols = glu ? kPanel / 2 : kPanel, out_n = glu ? N / 2 : N;
+  TORCH_CHECK(!glu || N % 2 == 0, "panel_linear: a GLU weight has an even N");
+  TORCH_CHECK(out_n > (NP - 1) * cols && out_n <= NP * cols, "panel_linear: N does not match the panels");
   x = x.contiguous();
   torch::Tensor b;
   if (bias.has_value() && bias->defined()) {
     b = bias->contiguous();
     TORCH_CHECK(b.scalar_type() == torch::kFloat32 && b.numel() == N, "panel_linear: bias must be float32 [N]");
+    if (glu) {                  // laid out like the panels: P/2 gate biases, then P/2 up biases
+      auto inter = torch::zeros({NP * kPanel}, b.options()).view({NP, 2, cols});
+      auto pad = [&](const torch::Tensor& part) {
+        return torch::constant_pad_nd(part, {0, NP * cols - out_n}).view({NP, cols});
+      };
+      inter.select(1, 0).copy_(pad(b.narrow(0, 0, out_n)));
+      inter.select(1, 1).copy_(pad(b.narrow(0, out_n, out_n)));
+      b = inter.view({-1});
+    }
   }
-  auto y = torch::empty({M, N}, x.options());
+  auto y = torch::empty({M, out_n}, x.options());
   if (M == 0) return y;
   const float* xp = x.data_ptr<float>();
   const float* pp = panels.data_ptr<float>();
@@ -149,17 +198,19 @@ torch::Tensor panel_linear(torch::Tensor x, torch::Tensor panels, c10::optional<
     for (int64_t c0 = 0; c0 < tiles; c0 += chunk) {
       const int64_t c1 = std::min(tiles, c0 + chunk), ct = c1 - c0;
       for (int64_t p = p0; p < p1; ++p) {
-        const int64_t n = p * kPanel;
-        const int nr = static_cast<int>(std::min(kPanel, N - n));
+        const int64_t n = p * cols;              // the panel's first output column
+        const int nr = glu ? static_cast<int>(kPanel) : static_cast<int>(std::min(kPanel, N - n));
+        const int glu_cols = glu ? static_cast<int>(std::min(cols, out_n - n)) : 0;
         const float* panel = pp + p * K * kPanel;
-        const float* bn = bp != nullptr ? bp + n : nullptr;
+        const float* bn = bp != nullptr ? bp + p * kPanel : nullptr;
         // The next panel's lines, spread evenly over this panel's tiles.
         const int64_t lines = p + 1 < p1 && (ct > 1 || kSingleTilePrefetch) ? K * kPanel * 4 / 64 : 0;
         const int64_t per_tile = (lines + ct - 1) / ct;
         const char* next = reinterpret_cast<const char*>(panel + K * kPanel);
         for (int64_t t = c0; t < c1; ++t) {
           const int64_t m = first_row(t), rows = first_row(t + 1) - m, l0 = std::min(lines, (t - c0) * per_tile);
-          kTiles[rows](xp + m * K, K, panel, bn, yp + m * N + n, N, nr, next + l0 * 64, std::min(per_tile, lines - l0));
+          kTiles[rows](xp + m * K, K, panel, bn, yp + m * out_n + n, out_n, nr, next + l0 * 64,
+                       std::min(per_tile, lines - l0), glu_cols);
         }
       }
     }

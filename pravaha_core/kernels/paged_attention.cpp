@@ -435,8 +435,8 @@ void rotary_(torch::Tensor qkv, torch::Tensor positions, torch::Tensor cos, torc
 
 #if defined(__AVX2__) && defined(__FMA__)
 // gemm.cpp
-torch::Tensor pack_panels(torch::Tensor w);
-torch::Tensor panel_linear(torch::Tensor x, torch::Tensor panels, c10::optional<torch::Tensor> bias, int64_t N);
+torch::Tensor pack_panels(torch::Tensor w, bool glu);
+torch::Tensor panel_linear(torch::Tensor x, torch::Tensor panels, c10::optional<torch::Tensor> bias, int64_t N, bool glu);
 #endif
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
@@ -459,9 +459,12 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("rotary_", &rotary_, "rotate-half rotary embedding of q and k, in place in the fused qkv (float32)");
 #if defined(__AVX2__) && defined(__FMA__)
   m.attr("panel_gemm") = true;
-  m.def("pack_panels", &pack_panels, "a float32 [N, K] weight as [ceil(N/P), K, P] column panels (P: 32 on AVX-512, else 16)");
-  m.def("panel_linear", &panel_linear, "x @ w.T + bias over packed panels (float32, AVX2 or AVX-512)",
-        py::arg("x"), py::arg("panels"), py::arg("bias"), py::arg("N"));
+  m.def("pack_panels", &pack_panels,
+        "a float32 [N, K] weight as [ceil(N/P), K, P] column panels (P: 32 on AVX-512, else 16); glu: a fused "
+        "gate/up weight with gate and up columns paired in each panel", py::arg("w"), py::arg("glu") = false);
+  m.def("panel_linear", &panel_linear,
+        "x @ w.T + bias over packed panels (float32, AVX2 or AVX-512); glu: silu(gate) * up of it",
+        py::arg("x"), py::arg("panels"), py::arg("bias"), py::arg("N"), py::arg("glu") = false);
 #else
   m.attr("panel_gemm") = false;
 #endif

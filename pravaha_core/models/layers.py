@@ -97,14 +97,20 @@ class PackedLinear(nn.Module):
       3*hidden]) this runs them 1.5-2.5x faster, and on AVX-512 hosts it is near the FMA peak;
     - with `native` (the compiled kernels module), column panels for its GEMM (kernels/gemm.cpp,
       AVX2 or AVX-512), which streams decode-sized weights near the DRAM's bandwidth where
-      oneDNN falls well short of it (see `panel_gemm_preferred`)."""
+      oneDNN falls well short of it (see `panel_gemm_preferred`).
 
-    def __init__(self, linear: nn.Linear, native=None):
+    `glu` (panels only): the layer is a fused gate/up projection ([gate; up] rows) and returns
+    silu(gate) * up, [.., out_features / 2], computed in the GEMM's epilogue (no [.., 2I]
+    intermediate, no second pass)."""
+
+    def __init__(self, linear: nn.Linear, native=None, glu: bool = False):
         super().__init__()
+        if glu and (native is None or linear.out_features % 2):
+            raise ValueError("PackedLinear: glu needs the native panels and an even out_features")
         self.in_features, self.out_features = linear.in_features, linear.out_features
-        self.native = native
+        self.native, self.glu = native, glu
         weight = linear.weight.detach()
-        self.packed = (native.pack_panels(weight) if native is not None
+        self.packed = (native.pack_panels(weight, glu) if native is not None
                        else torch.ops.mkldnn._reorder_linear_weight(weight, None))
         self.bias = None if linear.bias is None else nn.Parameter(linear.bias.detach(), requires_grad=False)
 
@@ -112,17 +118,22 @@ class PackedLinear(nn.Module):
         if self.native is None:
             return torch.ops.mkldnn._linear_pointwise(x.contiguous(), self.packed, self.bias, "none", [], "")
         if x.dim() == 2:
-            return self.native.panel_linear(x, self.packed, self.bias, self.out_features)
+            return self.native.panel_linear(x, self.packed, self.bias, self.out_features, self.glu)
         flat = x.reshape(-1, x.shape[-1])
-        out = self.native.panel_linear(flat, self.packed, self.bias, self.out_features)
-        return out.view(*x.shape[:-1], self.out_features)
+        out = self.native.panel_linear(flat, self.packed, self.bias, self.out_features, self.glu)
+        return out.view(*x.shape[:-1], out.shape[-1])
 
     @property
     def weight(self) -> torch.Tensor:
         """The dense [out, in] weight, unpacked (a copy)."""
         if self.native is None:
             return self.packed.to_dense()
-        return self.packed.transpose(1, 2).reshape(-1, self.in_features)[:self.out_features].clone()
+        rows = self.packed.transpose(1, 2)                       # [panels, P, in]
+        if not self.glu:
+            return rows.reshape(-1, self.in_features)[:self.out_features].clone()
+        half, inter = rows.shape[1] // 2, self.out_features // 2
+        return torch.cat([rows[:, :half].reshape(-1, self.in_features)[:inter],
+                          rows[:, half:].reshape(-1, self.in_features)[:inter]])
 
     @property
     def nbytes(self) -> int:
@@ -146,7 +157,9 @@ def pack_linears(model: nn.Module, native=None) -> int:
     """Replace every float32 nn.Linear (and a tied LM head, as a separate head) with a
     PackedLinear (panels for the native GEMM where `panel_gemm_preferred(native)`, else oneDNN's
     layout), each checked against F.linear on a random input first; a layer that cannot be
-    packed, or packs wrongly, stays as it is. Returns how many layers were packed."""
+    packed, or packs wrongly, stays as it is. A module naming one of its linears in
+    `glu_projection` gets that one with the SiLU-multiply fused in (panels only). Returns how
+    many layers were packed."""
     panels = panel_gemm_preferred(native)
     if not panels and not (torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")):
         return 0
@@ -160,16 +173,21 @@ def pack_linears(model: nn.Module, native=None) -> int:
     for name, module in targets:
         if module.weight.dtype != torch.float32 or module.weight.device.type != "cpu":
             continue
+        parent_name, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        glu = panels and getattr(parent, "glu_projection", None) == child
         try:
-            new = PackedLinear(module, native if panels else None)
+            new = PackedLinear(module, native if panels else None, glu=glu)
             x = torch.randn(3, module.in_features)
             want = torch.nn.functional.linear(x, module.weight, module.bias)
+            if glu:
+                gate, up = want.chunk(2, dim=-1)
+                want = torch.nn.functional.silu(gate) * up
             if not torch.allclose(new(x), want, rtol=1e-4, atol=1e-4 * float(want.abs().max()) + 1e-6):
                 continue
         except RuntimeError:
             continue
-        parent_name, _, child = name.rpartition(".")
-        setattr(model.get_submodule(parent_name) if parent_name else model, child, new)
+        setattr(parent, child, new)
         packed += 1
     return packed
 

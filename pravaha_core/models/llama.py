@@ -88,8 +88,11 @@ class LlamaMLP(nn.Module):
         self.down_proj = nn.Linear(inter, hidden, bias=bias)
 
     fused = None    # the native module (float32 CPU fast path), set by use_fused_ops
+    glu_projection = "gate_up_proj"   # pack_linears may fuse silu(gate) * up into its GEMM
 
     def forward(self, x):
+        if getattr(self.gate_up_proj, "glu", False):
+            return self.down_proj(self.gate_up_proj(x))
         gate_up = self.gate_up_proj(x)
         if self.fused is not None and gate_up.dtype == torch.float32 and gate_up.dim() == 2:
             return self.down_proj(self.fused.silu_mul(gate_up))
