@@ -82,18 +82,19 @@ def test_head_dim_64_model_greedy_matches_hf(tmp_path, kv_heads):
         assert out.token_ids == hf_greedy(path, prompt, 12)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("group", [1, 3])
-def test_attention_step_writes_then_attends(native, group):
-    """`paged_attention_step` (the float32 fast path: write the step's K/V, then attend in one
-    call) equals index_copy into the cache followed by `paged_decode_attention`, on strided
-    views of a fused qkv output; prompt rows of one sequence see the keys written in the same
-    step; a slot outside the cache is an error, not a stray write."""
+def test_attention_step_writes_then_attends(native, group, dtype):
+    """`paged_attention_step` (write the step's K/V, then attend, in one call) equals
+    index_copy of `k.to(cache dtype)` into the cache followed by `paged_decode_attention`, on
+    strided views of a fused qkv output; prompt rows of one sequence see the keys written in
+    the same step; a slot outside the cache is an error, not a stray write."""
     gen = torch.Generator().manual_seed(group)
     kv_heads, head_dim, block = 2, 64, BLOCK
     heads = kv_heads * group
     num_blocks = 12
-    k_cache = torch.randn(num_blocks, block, kv_heads, head_dim, generator=gen)
-    v_cache = torch.randn(num_blocks, block, kv_heads, head_dim, generator=gen)
+    k_cache = torch.randn(num_blocks, block, kv_heads, head_dim, generator=gen).to(dtype)
+    v_cache = torch.randn(num_blocks, block, kv_heads, head_dim, generator=gen).to(dtype)
     # Rows: one decode row at position 40 (blocks 3, 7, 1), then a 5-token prompt at 0..4 (block 5).
     tables = torch.tensor([[3, 7, 1], [5, 0, 0], [5, 0, 0], [5, 0, 0], [5, 0, 0], [5, 0, 0]])
     lens = torch.tensor([41, 1, 2, 3, 4, 5])
@@ -103,8 +104,8 @@ def test_attention_step_writes_then_attends(native, group):
     q, k, v = q.view(6, heads, head_dim), k.view(6, kv_heads, head_dim), v.view(6, kv_heads, head_dim)
     assert not q.is_contiguous()
     k_want, v_want = k_cache.clone(), v_cache.clone()
-    k_want.view(-1, kv_heads, head_dim).index_copy_(0, slots, k)
-    v_want.view(-1, kv_heads, head_dim).index_copy_(0, slots, v)
+    k_want.view(-1, kv_heads, head_dim).index_copy_(0, slots, k.to(dtype))
+    v_want.view(-1, kv_heads, head_dim).index_copy_(0, slots, v.to(dtype))
     want = native.paged_decode_attention(q.contiguous(), k_want, v_want, tables, lens, 0.125, -1)
     got = native.paged_attention_step(q, k, v, k_cache, v_cache, slots, tables, lens, 0.125, -1)
     assert torch.equal(k_cache, k_want) and torch.equal(v_cache, v_want)

@@ -396,15 +396,15 @@ torch::Tensor paged_decode_attention(torch::Tensor q, torch::Tensor k_cache, tor
   return attend_cache(q, k_cache, v_cache, block_tables, context_lens, scale, window);
 }
 
-// One layer's attention step for float32 caches in one call: write the step's k, v [T, KVH, D]
-// into their slots (slot_mapping [T]), then every row of q attends over its context. Rows of
-// q, k and v may be strided views of the fused qkv output (no copies).
+// One layer's attention step in one call: write the step's float32 k, v [T, KVH, D] into their
+// slots (slot_mapping [T]) of a float32, bfloat16 or float16 cache (rounded to nearest even, as
+// Tensor.to does), then every row of q attends over its context. Rows of q, k and v may be
+// strided views of the fused qkv output (no copies).
 torch::Tensor paged_attention_step(torch::Tensor q, torch::Tensor k, torch::Tensor v, torch::Tensor k_cache,
                                    torch::Tensor v_cache, torch::Tensor slot_mapping, torch::Tensor block_tables,
                                    torch::Tensor context_lens, double scale, int64_t window) {
-  TORCH_CHECK(k_cache.scalar_type() == torch::kFloat32 && v_cache.scalar_type() == torch::kFloat32 &&
-              k.scalar_type() == torch::kFloat32 && v.scalar_type() == torch::kFloat32,
-              "paged_attention_step: float32 k, v and caches");
+  TORCH_CHECK(k.scalar_type() == torch::kFloat32 && v.scalar_type() == torch::kFloat32 &&
+              k_cache.scalar_type() == v_cache.scalar_type(), "paged_attention_step: float32 k and v, one cache dtype");
   TORCH_CHECK(k.dim() == 3 && v.sizes() == k.sizes() && k.size(1) == k_cache.size(2) && k.size(2) == k_cache.size(3) &&
               k_cache.sizes() == v_cache.sizes() && k_cache.is_contiguous() && v_cache.is_contiguous(),
               "paged_attention_step: k, v [T, KVH, D] matching the caches");
@@ -416,13 +416,20 @@ torch::Tensor paged_attention_step(torch::Tensor q, torch::Tensor k, torch::Tens
   const int64_t T = k.size(0), row = k.size(1) * k.size(2), capacity = k_cache.size(0) * k_cache.size(1);
   const int64_t* sp = slots.data_ptr<int64_t>();
   const float *kp = k.data_ptr<float>(), *vp = v.data_ptr<float>();
-  float *kc = k_cache.data_ptr<float>(), *vc = v_cache.data_ptr<float>();
   for (int64_t t = 0; t < T; ++t)     // all checked before anything is written
     TORCH_CHECK(sp[t] >= 0 && sp[t] < capacity, "paged_attention_step: slot ", sp[t], " out of range");
-  for (int64_t t = 0; t < T; ++t) {
-    std::memcpy(kc + sp[t] * row, kp + t * k.stride(0), row * sizeof(float));
-    std::memcpy(vc + sp[t] * row, vp + t * v.stride(0), row * sizeof(float));
-  }
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::ScalarType::BFloat16, at::ScalarType::Half, k_cache.scalar_type(),
+                                  "paged_attention_step", [&] {
+    scalar_t *kc = k_cache.data_ptr<scalar_t>(), *vc = v_cache.data_ptr<scalar_t>();
+    for (int64_t t = 0; t < T; ++t) {
+      const float *ks = kp + t * k.stride(0), *vs = vp + t * v.stride(0);
+      scalar_t *kd = kc + sp[t] * row, *vd = vc + sp[t] * row;
+      for (int64_t i = 0; i < row; ++i) {
+        kd[i] = static_cast<scalar_t>(ks[i]);
+        vd[i] = static_cast<scalar_t>(vs[i]);
+      }
+    }
+  });
   return attend_cache(q, k_cache, v_cache, block_tables, context_lens, scale, window);
 }
 
@@ -442,7 +449,7 @@ torch::Tensor panel_linear(torch::Tensor x, torch::Tensor panels, c10::optional<
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("paged_decode_attention", &paged_decode_attention, "decode attention over a paged KV cache (CPU)");
   m.def("paged_attention_step", &paged_attention_step,
-        "write a step's K/V into a float32 paged cache, then attend every row over its context (CPU)");
+        "write a step's K/V into a paged cache, then attend every row over its context (CPU)");
 #if defined(__AVX512F__)
   m.attr("avx512") = true;     // head_dim 64 with GQA groups 1-4 takes the 16-key tile path
   m.attr("tile64") = true;

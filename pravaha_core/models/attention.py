@@ -17,6 +17,9 @@ import torch
 import torch.nn.functional as F
 
 
+NATIVE_CACHE_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
 @dataclass
 class AttentionGroup:
     """Sequences attended together as one padded batch.
@@ -67,9 +70,10 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     """q: [T, H, D], k/v: [T, KVH, D], caches: [num_blocks, block_size, KVH, D] -> [T, H, D]."""
     num_kv_heads, head_dim = k_cache.shape[2], k_cache.shape[3]
     if (meta.kernel is not None and meta.prefill is None and meta.decode is not None
-            and q.dtype == k_cache.dtype == torch.float32):
+            and q.dtype == torch.float32 and k_cache.dtype in NATIVE_CACHE_DTYPES):
         # Every row attends through the kernel (decode, or prompt rows where the kernel's tile
-        # path serves prefill): one native call writes the step's K/V and attends.
+        # path serves prefill): one native call writes the step's K/V (rounded to a narrower
+        # cache as Tensor.to rounds) and attends.
         grp = meta.decode
         return meta.kernel.paged_attention_step(q, k, v, k_cache, v_cache, meta.slot_mapping, grp.block_tables,
                                                 grp.context_lens, scale, window or -1)
