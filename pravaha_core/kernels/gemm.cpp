@@ -15,6 +15,9 @@
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 
+#include <array>
+#include <utility>
+
 #include "vec_math.h"
 
 #if defined(__AVX2__) && defined(__FMA__)
@@ -29,112 +32,98 @@ inline void glu_store(const float* gate, const float* up, float* out, int cols) 
   for (int j = 0; j < cols; ++j) out[j] = pravaha::silu(gate[j]) * up[j];
 }
 
+// One vector register of each ISA: the tile below is written once over these few operations.
 #if defined(__AVX512F__)
-// AVX-512: 32-column panels, a 12x32 tile in 24 zmm accumulators (two weight loads and twelve
-// broadcasts per step of k).
-constexpr int64_t kPanel = 32;
-constexpr int kRows = 12;
-constexpr bool kSingleTilePrefetch = true;
+struct Vec {                          // AVX-512: 16 floats; 12-row tiles (24 zmm accumulators)
+  using T = __m512;
+  static constexpr int W = 16, kRows = 12;
+  static constexpr bool kSingleTilePrefetch = true;   // a third faster at one tile of rows
+  static T zero() { return _mm512_setzero_ps(); }
+  static T load(const float* p) { return _mm512_loadu_ps(p); }
+  static T bcast(const float* p) { return _mm512_set1_ps(*p); }
+  static T fma(T a, T b, T c) { return _mm512_fmadd_ps(a, b, c); }
+  static T add(T a, T b) { return _mm512_add_ps(a, b); }
+  static __mmask16 mask(int n) { return n >= W ? 0xFFFF : n <= 0 ? 0 : static_cast<__mmask16>((1u << n) - 1); }
+  static T load_n(const float* p, int n) { return _mm512_maskz_loadu_ps(mask(n), p); }
+  static void store_n(float* p, T v, int n) { _mm512_mask_storeu_ps(p, mask(n), v); }
+  static void store_aligned(float* p, T v) { _mm512_store_ps(p, v); }
+};
+#else
+struct Vec {                          // AVX2: 8 floats; 6-row tiles (12 ymm accumulators)
+  using T = __m256;
+  static constexpr int W = 8, kRows = 6;
+  static constexpr bool kSingleTilePrefetch = false;  // the hardware prefetcher did better alone
+  static T zero() { return _mm256_setzero_ps(); }
+  static T load(const float* p) { return _mm256_loadu_ps(p); }
+  static T bcast(const float* p) { return _mm256_broadcast_ss(p); }
+  static T fma(T a, T b, T c) { return _mm256_fmadd_ps(a, b, c); }
+  static T add(T a, T b) { return _mm256_add_ps(a, b); }
+  static __m256i mask(int n) { return _mm256_cmpgt_epi32(_mm256_set1_epi32(n), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7)); }
+  static T load_n(const float* p, int n) { return _mm256_maskload_ps(p, mask(n)); }
+  static void store_n(float* p, T v, int n) {
+    if (n >= W) _mm256_storeu_ps(p, v);
+    else _mm256_maskstore_ps(p, mask(n), v);
+  }
+  static void store_aligned(float* p, T v) { _mm256_store_ps(p, v); }
+};
+#endif
 
+constexpr int64_t kPanel = 2 * Vec::W;
+constexpr int kRows = Vec::kRows;
+constexpr bool kSingleTilePrefetch = Vec::kSingleTilePrefetch;
+
+// y[i, 0:nr] = x[i, :] . panel + bias for MR rows of x, two vectors of columns per row (with
+// glu_cols > 0: silu(first vector) * second vector, glu_cols columns). GCC keeps the accumulator
+// arrays in registers only when every loop over them is unrolled; called through a pointer, the
+// tile is compiled on its own, which measured faster than inlined into the loops over panels.
+// Meanwhile prefetch `pf_lines` cache lines from `pf`, one or two per step of k.
 template <int MR>
 void tile(const float* x, int64_t K, const float* panel, const float* bias, float* y, int64_t ldy, int nr,
           const char* pf, int64_t pf_lines, int glu_cols) {
-  __m512 a0[MR], a1[MR];
+  constexpr int W = Vec::W;
+  typename Vec::T a0[MR], a1[MR];
 #pragma GCC unroll 16
-  for (int i = 0; i < MR; ++i) { a0[i] = _mm512_setzero_ps(); a1[i] = _mm512_setzero_ps(); }
+  for (int i = 0; i < MR; ++i) { a0[i] = Vec::zero(); a1[i] = Vec::zero(); }
   for (int64_t k = 0; k < K; ++k) {
     if (k < pf_lines) _mm_prefetch(pf + k * 64, _MM_HINT_T1);
     if (k + K < pf_lines) _mm_prefetch(pf + (k + K) * 64, _MM_HINT_T1);
-    const __m512 w0 = _mm512_loadu_ps(panel + k * kPanel), w1 = _mm512_loadu_ps(panel + k * kPanel + 16);
+    const auto w0 = Vec::load(panel + k * kPanel), w1 = Vec::load(panel + k * kPanel + W);
 #pragma GCC unroll 16
     for (int i = 0; i < MR; ++i) {
-      const __m512 xv = _mm512_set1_ps(x[i * K + k]);
-      a0[i] = _mm512_fmadd_ps(xv, w0, a0[i]);
-      a1[i] = _mm512_fmadd_ps(xv, w1, a1[i]);
+      const auto xv = Vec::bcast(x + i * K + k);
+      a0[i] = Vec::fma(xv, w0, a0[i]);
+      a1[i] = Vec::fma(xv, w1, a1[i]);
     }
   }
-  const __mmask16 m0 = nr >= 16 ? 0xFFFF : static_cast<__mmask16>((1u << nr) - 1);
-  const __mmask16 m1 = nr >= 32 ? 0xFFFF : nr <= 16 ? 0 : static_cast<__mmask16>((1u << (nr - 16)) - 1);
   if (bias != nullptr) {
-    const __m512 b0 = _mm512_maskz_loadu_ps(m0, bias), b1 = _mm512_maskz_loadu_ps(m1, bias + 16);
+    const auto b0 = Vec::load_n(bias, nr), b1 = Vec::load_n(bias + W, nr - W);
 #pragma GCC unroll 16
-    for (int i = 0; i < MR; ++i) { a0[i] = _mm512_add_ps(a0[i], b0); a1[i] = _mm512_add_ps(a1[i], b1); }
+    for (int i = 0; i < MR; ++i) { a0[i] = Vec::add(a0[i], b0); a1[i] = Vec::add(a1[i], b1); }
   }
   if (glu_cols > 0) {            // a0: gate, a1: up -> silu(gate) * up
-    alignas(64) float g[16], u[16];
+    alignas(64) float g[W], u[W];
     for (int i = 0; i < MR; ++i) {
-      _mm512_store_ps(g, a0[i]);
-      _mm512_store_ps(u, a1[i]);
+      Vec::store_aligned(g, a0[i]);
+      Vec::store_aligned(u, a1[i]);
       glu_store(g, u, y + i * ldy, glu_cols);
     }
     return;
   }
 #pragma GCC unroll 16
   for (int i = 0; i < MR; ++i) {
-    _mm512_mask_storeu_ps(y + i * ldy, m0, a0[i]);
-    _mm512_mask_storeu_ps(y + i * ldy + 16, m1, a1[i]);
+    Vec::store_n(y + i * ldy, a0[i], nr);
+    Vec::store_n(y + i * ldy + W, a1[i], nr - W);
   }
 }
 
 using TileFn = void (*)(const float*, int64_t, const float*, const float*, float*, int64_t, int, const char*, int64_t, int);
-constexpr TileFn kTiles[kRows + 1] = {nullptr, tile<1>, tile<2>, tile<3>, tile<4>, tile<5>, tile<6>,
-                                      tile<7>, tile<8>, tile<9>, tile<10>, tile<11>, tile<12>};
-#else
 
-constexpr int64_t kPanel = 16;
-constexpr int kRows = 6;
-constexpr bool kSingleTilePrefetch = false;
-
-// y[i, 0:nr] = x[i, :] . panel + bias for MR rows of x (GCC keeps the accumulator arrays in
-// registers only when every loop over them is unrolled; called through a pointer, the tile is
-// compiled on its own, which measured faster than inlined into the loops over panels).
-// Meanwhile prefetch `pf_lines` cache lines from `pf`, one per step of k.
-template <int MR>
-void tile(const float* x, int64_t K, const float* panel, const float* bias, float* y, int64_t ldy, int nr,
-          const char* pf, int64_t pf_lines, int glu_cols) {
-  __m256 a0[MR], a1[MR];
-#pragma GCC unroll 8
-  for (int i = 0; i < MR; ++i) { a0[i] = _mm256_setzero_ps(); a1[i] = _mm256_setzero_ps(); }
-  for (int64_t k = 0; k < K; ++k) {
-    if (k < pf_lines) _mm_prefetch(pf + k * 64, _MM_HINT_T1);
-    const __m256 w0 = _mm256_loadu_ps(panel + k * kPanel), w1 = _mm256_loadu_ps(panel + k * kPanel + 8);
-#pragma GCC unroll 8
-    for (int i = 0; i < MR; ++i) {
-      const __m256 xv = _mm256_broadcast_ss(x + i * K + k);
-      a0[i] = _mm256_fmadd_ps(xv, w0, a0[i]);
-      a1[i] = _mm256_fmadd_ps(xv, w1, a1[i]);
-    }
-  }
-  const __m256i lanes = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
-  const __m256i m0 = _mm256_cmpgt_epi32(_mm256_set1_epi32(nr), lanes);
-  const __m256i m1 = _mm256_cmpgt_epi32(_mm256_set1_epi32(nr - 8), lanes);
-  if (bias != nullptr) {
-    const __m256 b0 = _mm256_maskload_ps(bias, m0), b1 = _mm256_maskload_ps(bias + 8, m1);
-#pragma GCC unroll 8
-    for (int i = 0; i < MR; ++i) { a0[i] = _mm256_add_ps(a0[i], b0); a1[i] = _mm256_add_ps(a1[i], b1); }
-  }
-  if (glu_cols > 0) {            // a0: gate, a1: up -> silu(gate) * up
-    alignas(32) float g[8], u[8];
-    for (int i = 0; i < MR; ++i) {
-      _mm256_store_ps(g, a0[i]);
-      _mm256_store_ps(u, a1[i]);
-      glu_store(g, u, y + i * ldy, glu_cols);
-    }
-    return;
-  }
-  if (nr == kPanel) {
-#pragma GCC unroll 8
-    for (int i = 0; i < MR; ++i) { _mm256_storeu_ps(y + i * ldy, a0[i]); _mm256_storeu_ps(y + i * ldy + 8, a1[i]); }
-  } else {
-#pragma GCC unroll 8
-    for (int i = 0; i < MR; ++i) { _mm256_maskstore_ps(y + i * ldy, m0, a0[i]); _mm256_maskstore_ps(y + i * ldy + 8, m1, a1[i]); }
-  }
+template <size_t... I>
+constexpr std::array<TileFn, sizeof...(I) + 1> tiles_up_to(std::index_sequence<I...>) {
+  return {nullptr, tile<static_cast<int>(I) + 1>...};
 }
+constexpr auto kTiles = tiles_up_to(std::make_index_sequence<kRows>{});   // kTiles[rows]
 
-using TileFn = void (*)(const float*, int64_t, const float*, const float*, float*, int64_t, int, const char*, int64_t, int);
-constexpr TileFn kTiles[kRows + 1] = {nullptr, tile<1>, tile<2>, tile<3>, tile<4>, tile<5>, tile<6>};
-
-#endif
 
 }  // namespace
 
