@@ -225,3 +225,13 @@ def test_prompt_rows_through_the_kernel_match_hf(tmp_path, family, heads, kv_hea
     assert engine.stats.num_cached_prompt_tokens >= 16                           # a prefix-cache hit
     for prompt, out in zip(prompts, outs):
         assert out.token_ids == hf_greedy(path, prompt, 12)
+
+
+def test_bench_warns_when_the_native_gemm_is_far_below_onednn():
+    from worker.bench import slow_native_gemm
+
+    assert slow_native_gemm({"torch.matmul": 104.0, "oneDNN packed": 122.0, "native panels": 46.5}).startswith(
+        "warning: the native panel GEMM runs at 46 GFLOP/s, 38% of oneDNN's 122")
+    assert slow_native_gemm({"torch.matmul": 158.0, "oneDNN packed": 128.0, "native panels": 152.0}) is None
+    assert slow_native_gemm({"torch.matmul": 158.0, "oneDNN packed": 128.0}) is None      # no native build
+    assert slow_native_gemm({"torch.matmul": 158.0, "native panels": 20.0}) is None       # no oneDNN to compare

@@ -91,6 +91,17 @@ def matmul_gflops(size: int = 2048, repeats: int = 5, trials: int = 5) -> dict:
     return {"gflops": rates[fastest], "path": fastest, "rates": rates}
 
 
+def slow_native_gemm(rates: dict, floor: float = 0.6) -> str | None:
+    """A warning when the native panel GEMM (which the engine's float32 linears use) multiplies
+    well below oneDNN on this host: a sign of a bad build (its AVX2 tile once spilled its
+    accumulators to the stack and ran at a third of its speed), not of the hardware."""
+    panels, onednn = rates.get("native panels"), rates.get("oneDNN packed")
+    if panels is None or not onednn or panels >= floor * onednn:
+        return None
+    return (f"warning: the native panel GEMM runs at {panels:.0f} GFLOP/s, {100 * panels / onednn:.0f}% of "
+            f"oneDNN's {onednn:.0f}: the engine's linears are slower than they should be on this host")
+
+
 def bench_engine(reqs: list[Request], **engine_kwargs) -> dict:
     from pravaha_core import Engine, SamplingParams
 
@@ -277,6 +288,9 @@ def run(quick: bool = False, out_dir: str = "bench-results", skip_hf: bool = Fal
     print(f"W1{' (quick: 16 requests)' if quick else ''}: {len(reqs)} requests, "
           f"{report['workload']['prompt_tokens']} prompt + {useful} output tokens, {flops / 1e12:.2f} TFLOP; "
           f"matmul {gflops:.0f} GFLOP/s (best of {rates}) -> roofline {best_s:.1f}s = {useful / best_s:.0f} tok/s")
+    warning = slow_native_gemm(matmul["rates"])
+    if warning:
+        print(warning)
     print(f"{'system':58s} {'tok/s':>8s} {'seconds':>8s} {'roofline':>9s}")
     engine_rate = ours[0][1]["tokens"] / ours[0][1]["seconds"]
     for name, r in rows:
