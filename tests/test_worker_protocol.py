@@ -146,6 +146,31 @@ def test_late_subscriber_replays_every_token(redis_server, client, thread_worker
     assert_drained(client.redis)
 
 
+def test_event_record_ttl_is_set_on_the_first_event_refreshed_while_running_and_on_the_last(
+        redis_server, client, thread_worker):
+    tw = thread_worker(redis_server.url, result_ttl_s=100, reclaim_idle_s=0.9)   # housekeeping every 0.3 s
+    engine_step = tw.worker.engine.step
+
+    def slow_step():          # 500 tokens take 10 s: the request is surely running during the check
+        time.sleep(0.02)
+        return engine_step()
+
+    tw.worker.engine.step = slow_step
+    r = client.redis
+    rid = client.submit("Tell me a long story", {"max_tokens": 500, "ignore_eos": True, **GREEDY})
+    wait_for(lambda: r.xlen(NAMES.events(rid)) >= 3, 30, "generation to start")
+    assert 0 < r.ttl(NAMES.events(rid)) <= 100                      # set with the first event
+    r.expire(NAMES.events(rid), 10_000)                             # as if it had gone stale
+    wait_for(lambda: r.ttl(NAMES.events(rid)) <= 100, 10, "housekeeping to refresh the record's TTL")
+    assert not r.exists(NAMES.result(rid)), "the request finished before the check: make it longer"
+    r.expire(NAMES.events(rid), 10_000)
+    client.cancel(rid)
+    result = client.result(rid, timeout=10)
+    assert 0 < r.ttl(NAMES.events(rid)) <= 100                      # set again with the last event
+    assert_events_match(list(client.stream(rid, timeout=5)), result)
+    assert_drained(r)
+
+
 # ---- 2. poison messages -----------------------------------------------------------------
 def _job(rid: str, **overrides) -> bytes:
     fields = {"v": 1, "request_id": rid, "prompt": "hello", "params": {"max_tokens": 4}, "priority": 0,

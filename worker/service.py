@@ -41,6 +41,8 @@ class Inflight:
     completions: dict[int, Completion] = field(default_factory=dict)
     next_index: dict[int, int] = field(default_factory=dict)
     replayed: dict[int, list[int]] = field(default_factory=dict)   # sample -> [tokens, chars] to skip
+    events_ttl_set: bool = False        # the event record's TTL: set on our first event, kept fresh
+                                        # by housekeeping, set again on the last one
 
     def completion(self, sample: int) -> Completion:
         return self.completions.setdefault(sample, Completion(index=sample, token_ids=[], text="",
@@ -192,6 +194,7 @@ class Worker:
                         [r.entry_id for r in self.inflight.values()], justid=True)
             for rid in self.inflight:
                 pipe.set(self.names.lease(rid), self.config.consumer, ex=self._lease_ttl)
+                pipe.expire(self.names.events(rid), self.config.result_ttl_s)
             pipe.execute()
             self._check_cancel_keys()
         if not self.stopping:
@@ -373,9 +376,13 @@ class Worker:
         if event.finished:
             event.usage = req.usage()
         rid, data = req.request_id, encode(event)
+        # An EXPIRE per event would be a third of the step's commands: the TTL is set on our
+        # first event and on each sample's last, and housekeeping refreshes it in between.
+        expire = event.finished or not req.events_ttl_set
+        req.events_ttl_set = True
         self.outbox.append((rid, lambda p: (p.publish(self.names.channel(rid), data),
                                             p.xadd(self.names.events(rid), {"event": data}),
-                                            p.expire(self.names.events(rid), self.config.result_ttl_s))))
+                                            expire and p.expire(self.names.events(rid), self.config.result_ttl_s))))
 
     def _complete(self, req: Inflight) -> None:
         """Store the result, then ack; an engine-side error (e.g. too long) also dead-letters."""
