@@ -235,3 +235,16 @@ def test_bench_warns_when_the_native_gemm_is_far_below_onednn():
     assert slow_native_gemm({"torch.matmul": 158.0, "oneDNN packed": 128.0, "native panels": 152.0}) is None
     assert slow_native_gemm({"torch.matmul": 158.0, "oneDNN packed": 128.0}) is None      # no native build
     assert slow_native_gemm({"torch.matmul": 158.0, "native panels": 20.0}) is None       # no oneDNN to compare
+
+
+def test_bench_reports_the_fastest_of_interleaved_runs_and_rejects_zero_repeats():
+    from worker.bench import fastest_run, run
+    from worker.cli import main
+
+    runs = [{"tokens": 100, "seconds": 12.4, "steps": 9}, {"tokens": 100, "seconds": 11.9, "steps": 9}]
+    assert fastest_run(runs) == {"tokens": 100, "seconds": 11.9, "steps": 9, "runs_seconds": [12.4, 11.9]}
+    with pytest.raises(ValueError, match="no runs"):
+        fastest_run([])
+    with pytest.raises(ValueError, match="repeats: must be at least 1"):
+        run(quick=True, repeats=0)
+    assert main(["bench", "--repeats", "0"]) == 2

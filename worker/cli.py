@@ -117,7 +117,7 @@ def cmd_quantize(args: argparse.Namespace) -> int:
 def cmd_bench(args: argparse.Namespace) -> int:
     from .bench import run
 
-    run(quick=args.quick, out_dir=args.out_dir, skip_hf=args.skip_hf)
+    run(quick=args.quick, out_dir=args.out_dir, skip_hf=args.skip_hf, repeats=args.repeats)
     return 0
 
 
@@ -161,6 +161,8 @@ def main(argv: list[str] | None = None) -> int:
     bench.add_argument("--quick", action="store_true", help="16 requests instead of 64")
     bench.add_argument("--skip-hf", action="store_true", help="only the Pravaha rows")
     bench.add_argument("--out-dir", default="bench-results")
+    bench.add_argument("--repeats", type=int, default=None,
+                       help="runs of each Pravaha row, interleaved; the fastest is reported (default 2, --quick 1)")
     bench.set_defaults(func=cmd_bench)
 
     quant = sub.add_parser("quantize", help="write a GPTQ checkpoint (round to nearest, or GPTQ via gptqmodel)")
