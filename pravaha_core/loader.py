@@ -15,7 +15,7 @@ from torch import nn
 from . import kernels, quantization
 from .config import EngineConfig
 from .models import context_length, model_class
-from .models.layers import pack_linears, panel_gemm_preferred, use_fused_ops
+from .models.layers import onto_huge_pages, pack_linears, panel_gemm_preferred, use_fused_ops
 from .tokenizer import ByteTokenizer, HFTokenizer, Tokenizer
 
 log = logging.getLogger("pravaha.loader")
@@ -89,6 +89,9 @@ def load_model(config: EngineConfig) -> LoadedModel:
                  else "oneDNN", pack_linears(model, native))
         if native is not None:
             log.info("fused native RMSNorm / SiLU-multiply / rotary in %d modules", use_fused_ops(model, native))
+        moved = onto_huge_pages(model)
+        if moved:
+            log.info("weights on transparent huge pages: %d MiB", moved >> 20)
     model.eval()
     return LoadedModel(model, tokenizer, hf_config, max_len, spec)
 

@@ -42,7 +42,10 @@ class ModelRunner:
         m = self.model
         shape = (2, m.num_layers, num_blocks, block_size, m.num_kv_heads, m.head_dim)
         # Zeroed: masked-out slots are still multiplied by 0 in attention, and 0 * NaN is NaN.
-        self.kv_cache = torch.zeros(shape, dtype=DTYPES[cache_dtype], device=self.device)
+        # On CPUs, on huge pages where the OS gives them: advised before zeroing touches a page.
+        self.kv_cache = torch.empty(shape, dtype=DTYPES[cache_dtype], device=self.device)
+        kernels.advise_huge_pages(self.kv_cache)
+        self.kv_cache.zero_()
         self.kv_caches = [(self.kv_cache[0, i], self.kv_cache[1, i]) for i in range(m.num_layers)]
         self.windows = set(m.sliding_windows)
         self.gqa_group = m.num_heads // m.num_kv_heads

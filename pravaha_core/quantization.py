@@ -485,13 +485,14 @@ def linear_weight_bytes(model: nn.Module) -> int:
 
 
 def weight_bytes(model: nn.Module) -> int:
-    """Bytes of all parameters and buffers (each storage counted once), quantized or not."""
+    """Bytes of all parameters and buffers (each tensor counted once), quantized or not. A
+    tensor's own bytes, not its storage's: weights moved onto huge pages share one buffer."""
     seen, total = set(), 0
     for t in list(model.parameters()) + list(model.buffers()):
-        key = (t.untyped_storage().data_ptr(), t.device)
+        key = (t.data_ptr(), t.nbytes, t.device)
         if key not in seen:
             seen.add(key)
-            total += t.untyped_storage().nbytes()
+            total += t.nbytes
     return total + sum(m.nbytes for m in model.modules() if isinstance(m, PackedLinear))
 
 

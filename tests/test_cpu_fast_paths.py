@@ -248,3 +248,44 @@ def test_bench_reports_the_fastest_of_interleaved_runs_and_rejects_zero_repeats(
     with pytest.raises(ValueError, match="repeats: must be at least 1"):
         run(quick=True, repeats=0)
     assert main(["bench", "--repeats", "0"]) == 2
+
+
+def _thp_available() -> bool:
+    try:
+        with open("/sys/kernel/mm/transparent_hugepage/enabled") as f:
+            return "[never]" not in f.read()
+    except OSError:
+        return False
+
+
+def test_weights_and_kv_cache_on_huge_pages_change_no_output(tmp_path):
+    """The loader moves large weights into one buffer on transparent huge pages, and the KV
+    cache is advised before it is zeroed. Here every tensor is moved (min_bytes=0): greedy output
+    is still HF's, tied tensors stay tied, and the byte counts stand."""
+    from pravaha_core import kernels
+    from pravaha_core.models.layers import onto_huge_pages
+    from pravaha_core.quantization import linear_weight_bytes, weight_bytes
+
+    assert kernels.advise_huge_pages(torch.empty(1000)) == 0                     # under one huge page
+    if not _thp_available():
+        pytest.skip("no transparent huge pages on this host")
+    assert kernels.advise_huge_pages(torch.empty(3 << 20)) >= 2 << 20           # 12 MiB: at least one
+    path = make_checkpoint("llama", str(tmp_path / "llama"), seed=5, tie_word_embeddings=True, hidden_size=512,
+                           intermediate_size=1024, num_attention_heads=8, num_key_value_heads=4)    # 6+ MiB
+    engine = Engine(path, kv_cache_bytes=1 << 24)
+    model = engine.runner.model
+    tok = engine.tokenizer
+    prompts = [tok.encode("Huge pages hold the same numbers."), tok.encode("A second prompt")]
+    params = SamplingParams(max_tokens=10, temperature=0.0, ignore_eos=True)
+    before = [o.token_ids for o in engine.generate(prompts, params)]
+    sizes = (weight_bytes(model), linear_weight_bytes(model))
+    tied = model.embed_tokens.weight
+    moved = onto_huge_pages(model, min_bytes=0)
+    packed = [m for m in model.modules() if isinstance(m, PackedLinear)]
+    assert moved >= sum(p.nbytes for p in model.parameters()) + sum(m.nbytes for m in packed) > 4 << 20
+    assert all(m.packed.untyped_storage().nbytes() > moved for m in packed)          # all in the one buffer
+    assert model.embed_tokens.weight is tied and model.embed_tokens.weight.untyped_storage().nbytes() > moved
+    assert (weight_bytes(model), linear_weight_bytes(model)) == sizes
+    assert [o.token_ids for o in engine.generate(prompts, params)] == before
+    for prompt, out in zip(prompts, before):
+        assert out == hf_greedy(path, prompt, 10)

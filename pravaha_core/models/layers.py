@@ -192,6 +192,52 @@ def pack_linears(model: nn.Module, native=None) -> int:
     return packed
 
 
+@torch.no_grad()
+def onto_huge_pages(model: nn.Module, min_bytes: int = 1 << 20) -> int:
+    """Move the model's large dense CPU tensors (parameters, buffers, packed panels) into one
+    buffer on transparent huge pages (see `kernels.advise_huge_pages`): decode streams every
+    weight each step, and a 4 KiB page ends each hardware prefetch stream and costs a TLB
+    entry. W1 on an AVX-512 EPYC: 12.14 -> 11.89 s (three runs each, interleaved). Tied
+    tensors stay tied. Returns the bytes moved: 0 where the OS gives no huge pages, or where
+    the two copies the move holds for a moment would take over half of the available memory."""
+    from .. import kernels
+
+    slots: dict[int, list] = {}                     # id(tensor) -> [tensor, [(owner, kind, name)]]
+    for module in model.modules():
+        named = [(module, "param", n, t) for n, t in module._parameters.items()]
+        named += [(module, "buffer", n, t) for n, t in module._buffers.items()]
+        if isinstance(module, PackedLinear):
+            named.append((module, "attr", "packed", module.packed))
+        for owner, kind, name, t in named:
+            if (t is None or t.device.type != "cpu" or t.layout != torch.strided or not t.is_contiguous()
+                    or t.numel() * t.element_size() < min_bytes):
+                continue
+            slots.setdefault(id(t), [t, []])[1].append((owner, kind, name))
+    sizes = [-(-t.numel() * t.element_size() // 64) * 64 for t, _ in slots.values()]
+    total, page = sum(sizes), kernels.HUGE_PAGE
+    if total < page or total > kernels.available_memory() // 2:    # the move holds two copies at once
+        return 0
+    # Whole huge pages, aligned: the tensors start at the first huge-page boundary of the buffer.
+    buffer = torch.empty(total + 2 * page, dtype=torch.uint8)
+    offset = -buffer.data_ptr() % page
+    arena = buffer[offset: offset + -(-total // page) * page]
+    if kernels.advise_huge_pages(arena) < total:
+        return 0
+    offset = 0
+    for (t, owners), size in zip(slots.values(), sizes):
+        moved = arena[offset: offset + t.numel() * t.element_size()].view(t.dtype).view(t.shape)
+        moved.copy_(t)
+        offset += size
+        for owner, kind, name in owners:
+            if kind == "param":
+                owner._parameters[name].data = moved
+            elif kind == "buffer":
+                owner._buffers[name] = moved
+            else:
+                setattr(owner, name, moved)
+    return total
+
+
 def use_fused_ops(model: nn.Module, native) -> int:
     """Point every module with a float32 CPU fast path (`fused` attribute) at the native module."""
     count = 0
