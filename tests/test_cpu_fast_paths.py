@@ -237,6 +237,24 @@ def test_bench_warns_when_the_native_gemm_is_far_below_onednn():
     assert slow_native_gemm({"torch.matmul": 158.0, "native panels": 20.0}) is None       # no oneDNN to compare
 
 
+def test_bench_flops_split_into_phases_and_decode_bytes_count_weights_per_step_and_each_context():
+    from worker.bench import Request, decode_bytes, model_flops, phase_flops
+
+    cfg = {"hidden_size": 8, "num_hidden_layers": 2, "num_attention_heads": 2, "num_key_value_heads": 1,
+           "intermediate_size": 16, "vocab_size": 32}
+    reqs = [Request(list(range(5)), 3), Request(list(range(2)), 1)]
+    prefill, decode = phase_flops(cfg, reqs)
+    # per layer: qkv 8x(8+2*4), o 8x8, gate/up/down 3x8x16 -> 576 weights; attention 4*8 per context
+    linear, attn, head = 2 * 576, 4 * 2 * 8, 2 * 8 * 32      # weights of both layers, per-context FLOPs, LM head
+    assert prefill == (7 * 2 * linear + attn * (sum(range(1, 6)) + sum(range(1, 3))) + 2 * head)
+    assert decode == 2 * 2 * linear + attn * (6 + 7) + 2 * head      # positions 5 and 6; the 1-token request has none
+    assert model_flops(cfg, reqs) == prefill + decode
+    assert model_flops(cfg, reqs, cached_prefix=2) == prefill + decode - 4 * 2 * linear - attn * 3 * 2
+    weights = (2 * 576 + 8 * 32) * 4
+    assert decode_bytes(cfg, reqs) == 2 * weights + (6 + 7) * 2 * 2 * 4 * 4   # 2 steps; K and V of 2 layers
+    assert decode_bytes(cfg, [Request([1], 1)]) == 0
+
+
 def test_bench_reports_the_fastest_of_interleaved_runs_and_rejects_zero_repeats():
     from worker.bench import fastest_run, run
     from worker.cli import main

@@ -129,7 +129,9 @@ def test_quick_bench_command_runs(tmp_path):
     report = json.loads((tmp_path / "bench-results" / "bench.json").read_text())
     assert report["workload"]["requests"] == 16
     assert report["matmul_gflops"] == max(report["matmul"]["rates"].values()) > 0     # the best path is the roofline
+    assert report["stream_gbps"] > 0 and report["bound_seconds"] >= report["roofline_seconds"]
     rows = {r["system"]: r for r in report["rows"]}
     engine = rows["Pravaha Engine.generate"]
     assert engine["tokens"] == report["workload"]["output_tokens"] and engine["tok_s"] > 0
+    assert engine["bound_share"] >= engine["roofline_share"] > 0
     assert report["kv_efficiency"]["paged_seqs"] > report["kv_efficiency"]["contiguous_seqs"]

@@ -3,7 +3,10 @@
 W1: dummy:llama-135m (SmolLM2-135M shape), float32, CPU, 2 threads; 64 requests, prompt
 lengths uniform in [16, 256], output lengths uniform in [16, 256] with ignore_eos, seeded.
 Figure: useful output tokens per second over wall time, prefill included. The roofline is
-the workload's model FLOPs over a measured large float32 matmul rate.
+the workload's model FLOPs over a measured large float32 matmul rate. The bound adds the memory
+side: decode cannot finish before it has read its bytes (every weight once per step, each
+token's context from the KV cache) at the machine's measured read bandwidth; on hosts where that
+bandwidth is low for their FLOP rate, decode is memory-bound and the bound is the tighter figure.
 """
 
 from __future__ import annotations
@@ -39,19 +42,61 @@ def workload(num: int = 64, prompt_range=(16, 256), output_range=(16, 256), seed
 def model_flops(cfg: dict, reqs: list[Request], cached_prefix: int = 0) -> float:
     """Forward FLOPs: 2 per weight per computed token, attention QK and AV over the context,
     and the LM head only for tokens whose logits are sampled. A cached prefix is not computed."""
-    hidden, layers = cfg["hidden_size"], cfg["num_hidden_layers"]
-    heads, kv_heads = cfg["num_attention_heads"], cfg["num_key_value_heads"]
+    return sum(phase_flops(cfg, reqs, cached_prefix))
+
+
+def _shape(cfg: dict) -> tuple[int, int, int, int]:
+    """(hidden, layers, heads * head_dim, kv_heads * head_dim)"""
+    hidden, heads = cfg["hidden_size"], cfg["num_attention_heads"]
     head_dim = hidden // heads
-    linear = layers * (hidden * (heads + 2 * kv_heads) * head_dim + heads * head_dim * hidden
-                       + 3 * hidden * cfg["intermediate_size"])
-    attn_per_ctx = 4 * layers * heads * head_dim
-    total = 0.0
+    return hidden, cfg["num_hidden_layers"], heads * head_dim, cfg["num_key_value_heads"] * head_dim
+
+
+def phase_flops(cfg: dict, reqs: list[Request], cached_prefix: int = 0) -> tuple[float, float]:
+    """`model_flops` split into (prefill, decode): the prompt's positions with the first output
+    token's LM head, then the fed-back output tokens with the rest of the LM heads."""
+    hidden, layers, q_dim, kv_dim = _shape(cfg)
+    linear = layers * (hidden * (q_dim + 2 * kv_dim) + q_dim * hidden + 3 * hidden * cfg["intermediate_size"])
+    attn_per_ctx, head = 4 * layers * q_dim, 2 * hidden * cfg["vocab_size"]
+
+    def positions(first: int, last: int) -> float:      # positions first .. last - 1
+        count = max(0, last - first)
+        return count * 2 * linear + attn_per_ctx * (count * (first + last + 1) / 2)
+
+    prefill = decode = 0.0
     for r in reqs:
         p, n = len(r.prompt), r.max_tokens
-        computed = range(cached_prefix, p + n - 1)                    # the last token is never fed back
-        total += len(computed) * 2 * linear + attn_per_ctx * sum(pos + 1 for pos in computed)
-        total += n * 2 * hidden * cfg["vocab_size"]
-    return total
+        prefill += positions(cached_prefix, p) + head
+        decode += positions(p, p + n - 1) + (n - 1) * head       # the last token is never fed back
+    return prefill, decode
+
+
+def decode_bytes(cfg: dict, reqs: list[Request], dtype_bytes: int = 4) -> float:
+    """The bytes decode must read from memory at the least when neither the weights nor the KV
+    cache stay in the CPU's caches from one step to the next (true when they are larger than its
+    last-level cache): every weight (the LM head included) once per step, over at least as many
+    steps as the longest request has decode tokens, and each decode token's context, K and V of
+    every layer, once."""
+    hidden, layers, q_dim, kv_dim = _shape(cfg)
+    weights = (layers * (hidden * (q_dim + 2 * kv_dim) + q_dim * hidden + 3 * hidden * cfg["intermediate_size"])
+               + hidden * cfg["vocab_size"]) * dtype_bytes
+    steps = max((r.max_tokens - 1 for r in reqs), default=0)
+    per_position = layers * 2 * kv_dim * dtype_bytes
+    contexts = sum((p + 1 + p + n - 1) * (n - 1) / 2 for p, n in ((len(r.prompt), r.max_tokens) for r in reqs))
+    return steps * weights + contexts * per_position
+
+
+def stream_gbps(mib: int = 512, trials: int = 5) -> float:
+    """The machine's best read bandwidth: a float32 sum over `mib` MiB (far past any CPU cache),
+    on the bench's threads, best of `trials` after one pass that touches the pages."""
+    x = torch.ones(mib << 18)
+    x.sum()
+    best = 0.0
+    for _ in range(trials):
+        started = time.perf_counter()
+        x.sum()
+        best = max(best, x.numel() * 4 / (time.perf_counter() - started) / 1e9)
+    return best
 
 
 def matmul_gflops(size: int = 2048, repeats: int = 5, trials: int = 5) -> dict:
@@ -278,6 +323,11 @@ def run(quick: bool = False, out_dir: str = "bench-results", skip_hf: bool = Fal
     gflops = matmul["gflops"]
     flops = model_flops(cfg, reqs)
     best_s = flops / (gflops * 1e9)
+    # A second, tighter bound: decode also cannot beat the time to read its bytes.
+    gbps = stream_gbps()
+    prefill_flops, decode_flops = phase_flops(cfg, reqs)
+    moved = decode_bytes(cfg, reqs)
+    bound_s = (prefill_flops + max(decode_flops, moved / gbps * gflops)) / (gflops * 1e9)
     useful = sum(r.max_tokens for r in reqs)
     # Pravaha first: the HF rows leave a large, fragmented heap behind in this process.
     # The two Pravaha rows run `repeats` times, interleaved (engine, Redis, engine, Redis):
@@ -300,23 +350,29 @@ def run(quick: bool = False, out_dir: str = "bench-results", skip_hf: bool = Fal
     report = {"workload": {"requests": len(reqs), "prompt_tokens": sum(len(r.prompt) for r in reqs),
                            "output_tokens": useful, "model_tflop": flops / 1e12},
               "matmul_gflops": gflops, "matmul": matmul, "roofline_seconds": best_s,
-              "roofline_tok_s": useful / best_s, "rows": []}
+              "roofline_tok_s": useful / best_s, "stream_gbps": gbps, "decode_gb": moved / 1e9,
+              "bound_seconds": bound_s, "bound_tok_s": useful / bound_s, "rows": []}
     rates = ", ".join(f"{k} {v:.0f}" for k, v in matmul["rates"].items())
     print(f"W1{' (quick: 16 requests)' if quick else ''}: {len(reqs)} requests, "
           f"{report['workload']['prompt_tokens']} prompt + {useful} output tokens, {flops / 1e12:.2f} TFLOP; "
           f"matmul {gflops:.0f} GFLOP/s (best of {rates}) -> roofline {best_s:.1f}s = {useful / best_s:.0f} tok/s")
+    print(f"memory {gbps:.0f} GB/s: decode reads at least {moved / 1e9:.0f} GB ({moved / gbps / 1e9:.1f}s) for "
+          f"{decode_flops / 1e12:.2f} TFLOP ({decode_flops / gflops / 1e9:.1f}s) -> bound {bound_s:.1f}s = "
+          f"{useful / bound_s:.0f} tok/s")
     warning = slow_native_gemm(matmul["rates"])
     if warning:
         print(warning)
-    print(f"{'system':58s} {'tok/s':>8s} {'seconds':>8s} {'roofline':>9s}")
+    print(f"{'system':58s} {'tok/s':>8s} {'seconds':>8s} {'roofline':>9s} {'bound':>7s}")
     engine_rate = ours[0][1]["tokens"] / ours[0][1]["seconds"]
     for name, r in rows:
         rate = r["tokens"] / r["seconds"]
-        row = {"system": name, **r, "tok_s": rate, "roofline_share": rate / (useful / best_s)}
+        row = {"system": name, **r, "tok_s": rate, "roofline_share": rate / (useful / best_s),
+               "bound_share": rate / (useful / bound_s)}
         report["rows"].append(row)
         runs = r.get("runs_seconds", [])
         every = f"  (fastest of {len(runs)}: " + ", ".join(f"{x:.1f}" for x in runs) + " s)" if len(runs) > 1 else ""
-        print(f"{name:58s} {rate:8.1f} {r['seconds']:8.1f} {100 * row['roofline_share']:8.1f}%{every}")
+        print(f"{name:58s} {rate:8.1f} {r['seconds']:8.1f} {100 * row['roofline_share']:8.1f}% "
+              f"{100 * row['bound_share']:6.1f}%{every}")
     via_redis = ours[1][1]["tokens"] / ours[1][1]["seconds"]
     report["redis_vs_engine"] = via_redis / engine_rate
     pairs = [e["seconds"] / r["seconds"] for e, r in zip(engine_runs, redis_runs)]
