@@ -6,6 +6,7 @@ from dataclasses import dataclass, fields
 
 SUPPORTED_DTYPES = ("float32", "float16", "bfloat16")
 QUANTIZATION_METHODS = ("int8", "gptq", "awq")
+ATTENTION_BACKENDS = ("auto", "torch", "cpu", "triton")
 
 # Default share of free memory given to the KV cache when `kv_cache_bytes` is None,
 # measured after the weights are loaded. CUDA: of free device memory. CPU: of the
@@ -27,6 +28,9 @@ class EngineConfig:
       reads; keys and values are rounded when stored (like vLLM's kv_cache_dtype), so greedy
       output can differ from the float32 reference.
     max_model_len: context limit; None means the model's own (max_position_embeddings).
+    attention_backend: "auto" (triton on CUDA, cpu on the CPU, where they work; else torch),
+      "torch" (SDPA over gathered blocks, the reference), "cpu" (the native C++ kernels) or
+      "triton" (one paged flash-attention kernel; CUDA, or TRITON_INTERPRET=1 on the CPU).
     """
 
     model: str = "dummy:llama-tiny"
@@ -45,6 +49,7 @@ class EngineConfig:
     native_kernels: bool = True      # CPU: the compiled paged-decode kernel, oneDNN-packed float32 linears
     enable_prefix_caching: bool = True
     quantization: str | None = None
+    attention_backend: str = "auto"
 
     def __post_init__(self) -> None:
         if not isinstance(self.model, str) or not self.model:
@@ -68,6 +73,9 @@ class EngineConfig:
         if self.quantization is not None and self.quantization not in QUANTIZATION_METHODS:
             raise ValueError(f"quantization: {self.quantization!r} is not one of "
                              f"{', '.join(QUANTIZATION_METHODS)} (or None)")
+        if self.attention_backend not in ATTENTION_BACKENDS:
+            raise ValueError(f"attention_backend: {self.attention_backend!r} is not one of "
+                             f"{', '.join(ATTENTION_BACKENDS)}")
         if self.load_format not in ("auto", "dummy"):
             raise ValueError(f"load_format: {self.load_format!r} is not 'auto' or 'dummy'")
 

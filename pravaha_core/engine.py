@@ -60,8 +60,7 @@ class Engine:
         self.bytes_per_block = bytes_per_block(loaded.model, config.block_size, config.cache_dtype)
         num_blocks = self._num_blocks(config)
         eos = self.tokenizer.eos_token_ids
-        self.runner = ModelRunner(loaded, num_blocks, config.block_size, config.cache_dtype, config.device, eos,
-                                  config.native_kernels)
+        self.runner = ModelRunner(loaded, config, num_blocks, eos)
         self.block_manager = BlockManager(num_blocks, config.block_size, config.enable_prefix_caching)
         self.scheduler = Scheduler(self.block_manager, config.max_num_seqs,
                                    config.max_num_batched_tokens, self.max_model_len, eos)

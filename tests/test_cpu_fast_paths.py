@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from pravaha_core import Engine, SamplingParams
-from pravaha_core.model_runner import SPAN_MIN_MEAN_TOKENS
+from pravaha_core.attention.torch_backend import SPAN_MIN_MEAN_TOKENS
 from pravaha_core.models.layers import PackedLinear, RMSNorm, RotaryEmbedding, pack_linears, panel_gemm_preferred
 from tests.checkpoints import hf_greedy, make_checkpoint
 
@@ -212,9 +212,9 @@ def test_prompt_rows_through_the_kernel_match_hf(tmp_path, family, heads, kv_hea
     path = make_checkpoint(family, str(tmp_path / family), seed=3, hidden_size=64 * heads, num_attention_heads=heads,
                            num_key_value_heads=kv_heads, intermediate_size=256, **extra)
     engine = Engine(path, kv_cache_bytes=1 << 24, max_num_batched_tokens=48)
-    runner = engine.runner
-    assert runner.model.head_dim == 64 and 2 <= runner.gqa_group <= 4
-    assert runner.kernel_prefill == bool(runner.kernel.tile64)
+    attention = engine.runner.attention
+    assert attention.name == "cpu" and attention.spec.head_dim == 64 and 2 <= attention.spec.group <= 4
+    assert attention.kernel_prefill == bool(attention.kernel.tile64)
     tok = engine.tokenizer
     shared = tok.encode("Blocks of sixteen tokens hold the keys and values of every layer. " * 2)
     prompts = [shared + tok.encode(" The first question is short."), tok.encode("0123456789 " * 9),

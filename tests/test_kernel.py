@@ -75,7 +75,7 @@ def test_head_dim_64_model_greedy_matches_hf(tmp_path, kv_heads):
     path = make_checkpoint("llama", str(tmp_path / "m"), seed=5, hidden_size=192, num_attention_heads=3,
                            num_key_value_heads=kv_heads, intermediate_size=256)
     engine = Engine(path, kv_cache_bytes=1 << 22)
-    assert engine.runner.kernel is not None and engine.runner.model.head_dim == 64
+    assert engine.runner.attention.name == "cpu" and engine.runner.model.head_dim == 64
     prompts = [engine.tokenizer.encode(p) for p in ("Paged attention stores keys", "0123456789 + -", "Grüße")]
     outs = engine.generate(prompts, SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True))
     for prompt, out in zip(prompts, outs):

@@ -8,7 +8,7 @@ import torch
 from torch import nn
 import torch.nn.functional as F
 
-from .attention import AttentionMetadata, paged_attention
+from ..attention import paged_attention
 from .weights import load_named_weights
 
 ACTIVATIONS = {
@@ -32,7 +32,7 @@ class GPT2Attention(nn.Module):
             scale /= layer_idx + 1
         self.scale = scale
 
-    def forward(self, x, meta: AttentionMetadata, kv_cache):
+    def forward(self, x, meta, kv_cache):
         t = x.shape[0]
         q, k, v = (p.view(t, self.num_heads, self.head_dim) for p in self.c_attn(x).chunk(3, dim=-1))
         o = paged_attention(q, k, v, kv_cache[0], kv_cache[1], meta, self.scale, None)
@@ -74,7 +74,7 @@ class GPT2LMHeadModel(nn.Module):
         self.ln_f = nn.LayerNorm(cfg["n_embd"], eps=cfg.get("layer_norm_epsilon", 1e-5))
         self.lm_head = None     # tied to wte; quantization may set a separate head
 
-    def forward(self, input_ids, positions, meta: AttentionMetadata, kv_caches) -> torch.Tensor:
+    def forward(self, input_ids, positions, meta, kv_caches) -> torch.Tensor:
         """input_ids, positions: [T] -> hidden states [T, n_embd]."""
         x = self.wte(input_ids) + self.wpe(positions)
         for block, kv_cache in zip(self.h, kv_caches):

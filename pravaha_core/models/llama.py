@@ -11,7 +11,7 @@ import torch
 from torch import nn
 import torch.nn.functional as F
 
-from .attention import AttentionMetadata, paged_attention
+from ..attention import paged_attention
 from .layers import RMSNorm, RotaryEmbedding
 from .weights import load_named_weights
 
@@ -59,7 +59,7 @@ class LlamaAttention(nn.Module):
 
     fused = None    # the native module (float32 CPU fast path), set by use_fused_ops
 
-    def forward(self, x, positions, meta: AttentionMetadata, kv_cache):
+    def forward(self, x, positions, meta, kv_cache):
         t = x.shape[0]
         qkv = self.qkv_proj(x)
         fused = self.fused is not None and qkv.dtype == torch.float32 and qkv.is_contiguous()
@@ -145,7 +145,7 @@ class LlamaForCausalLM(nn.Module):
         self.lm_head = None if self.tie_word_embeddings else nn.Linear(cfg["hidden_size"], self.vocab_size,
                                                                        bias=False)
 
-    def forward(self, input_ids, positions, meta: AttentionMetadata, kv_caches) -> torch.Tensor:
+    def forward(self, input_ids, positions, meta, kv_caches) -> torch.Tensor:
         """input_ids, positions: [T] -> hidden states [T, hidden]."""
         x, residual = self.embed_tokens(input_ids), None
         for layer, kv_cache in zip(self.layers, kv_caches):
