@@ -46,7 +46,9 @@ class EngineConfig:
     load_format: str = "auto"
     seed: int = 0
     tokenizer: str | None = None
-    native_kernels: bool = True      # CPU: the compiled paged-decode kernel, oneDNN-packed float32 linears
+    native_kernels: bool = True      # CPU: the compiled kernels (attention, norms, GEMM) and packed float32 linears
+    kernel_march: str = "native"     # CPU: the -march the kernels are built for ("haswell": the AVX2 paths)
+    huge_pages: bool = True          # CPU: weights and KV cache on transparent huge pages where the OS gives them
     enable_prefix_caching: bool = True
     quantization: str | None = None
     attention_backend: str = "auto"
@@ -73,6 +75,8 @@ class EngineConfig:
         if self.quantization is not None and self.quantization not in QUANTIZATION_METHODS:
             raise ValueError(f"quantization: {self.quantization!r} is not one of "
                              f"{', '.join(QUANTIZATION_METHODS)} (or None)")
+        if not isinstance(self.kernel_march, str) or not self.kernel_march.replace("-", "").replace("_", "").isalnum():
+            raise ValueError(f"kernel_march: {self.kernel_march!r} is not a -march value")
         if self.attention_backend not in ATTENTION_BACKENDS:
             raise ValueError(f"attention_backend: {self.attention_backend!r} is not one of "
                              f"{', '.join(ATTENTION_BACKENDS)}")

@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from . import quantization
+from . import kernels, quantization
 from .block_manager import BlockManager
 from .config import EngineConfig
 from .loader import load_model
@@ -48,7 +48,9 @@ class Engine:
             kv_cache_bytes=kv_cache_bytes, max_num_seqs=max_num_seqs,
             max_num_batched_tokens=max_num_batched_tokens, **kwargs)
         self.config = config
-        loaded = load_model(config)
+        cpu = (kernels.setup_cpu(config.native_kernels, config.kernel_march, config.huge_pages)
+               if config.device_type == "cpu" else None)
+        loaded = load_model(config, cpu)
         self._model_info = {"quantization": loaded.quant.method if loaded.quant else None,
                             "dtype": config.dtype,
                             "weight_bytes": quantization.weight_bytes(loaded.model),
@@ -60,7 +62,7 @@ class Engine:
         self.bytes_per_block = bytes_per_block(loaded.model, config.block_size, config.cache_dtype)
         num_blocks = self._num_blocks(config)
         eos = self.tokenizer.eos_token_ids
-        self.runner = ModelRunner(loaded, config, num_blocks, eos)
+        self.runner = ModelRunner(loaded, config, num_blocks, eos, cpu)
         self.block_manager = BlockManager(num_blocks, config.block_size, config.enable_prefix_caching)
         self.scheduler = Scheduler(self.block_manager, config.max_num_seqs,
                                    config.max_num_batched_tokens, self.max_model_len, eos)

@@ -15,7 +15,7 @@ from torch import nn
 from . import kernels, quantization
 from .config import EngineConfig
 from .models import context_length, model_class
-from .models.layers import onto_huge_pages, pack_linears, panel_gemm_preferred, use_fused_ops
+from .models.layers import onto_huge_pages, pack_linears, panel_gemm_preferred
 from .tokenizer import ByteTokenizer, HFTokenizer, Tokenizer
 
 log = logging.getLogger("pravaha.loader")
@@ -50,8 +50,9 @@ class LoadedModel:
     quant: quantization.QuantSpec | None = None
 
 
-def load_model(config: EngineConfig) -> LoadedModel:
-    """Build our model for `config.model`, with weights on `config.device` in `config.dtype`."""
+def load_model(config: EngineConfig, cpu: kernels.CpuPlatform | None = None) -> LoadedModel:
+    """Build our model for `config.model`, with weights on `config.device` in `config.dtype`;
+    on the CPU, `cpu` (from kernels.setup_cpu) gives the native kernels and huge pages."""
     if config.model.startswith("dummy:"):
         hf_config, path = _preset(config.model), None
     else:
@@ -63,9 +64,10 @@ def load_model(config: EngineConfig) -> LoadedModel:
     spec = quantization.resolve(config.quantization, hf_config, from_preset=dummy)
     packed = spec is not None and spec.method in ("gptq", "awq")
     dtype = DTYPES[config.dtype]
+    native = cpu.native if cpu is not None and dtype == torch.float32 else None
     torch.manual_seed(config.seed)
     with torch.device(config.device):
-        model = cls(hf_config, max_len)
+        model = cls(hf_config, max_len, native)
     model.to(dtype)
     if dummy:
         init_dummy_weights(model, config.seed)
@@ -83,13 +85,10 @@ def load_model(config: EngineConfig) -> LoadedModel:
             quantization.quantize_rtn(model, spec, dtype)
         elif spec is not None:
             quantization.finalize(model, spec, dtype)
-    if config.native_kernels and torch.device(config.device).type == "cpu" and dtype == torch.float32:
-        native = kernels.paged_decode()
+    if config.native_kernels and cpu is not None and dtype == torch.float32:
         log.info("packed float32 linear layers (%s): %d", "native panel GEMM" if panel_gemm_preferred(native)
                  else "oneDNN", pack_linears(model, native))
-        if native is not None:
-            log.info("fused native RMSNorm / SiLU-multiply / rotary in %d modules", use_fused_ops(model, native))
-        moved = onto_huge_pages(model)
+        moved = onto_huge_pages(model) if cpu.huge_pages else 0
         if moved:
             log.info("weights on transparent huge pages: %d MiB", moved >> 20)
     model.eval()

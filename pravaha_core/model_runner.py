@@ -20,7 +20,8 @@ def bytes_per_block(model, block_size: int, dtype: str) -> int:
 
 
 class ModelRunner:
-    def __init__(self, loaded: LoadedModel, config: EngineConfig, num_blocks: int, eos_token_ids: set[int]):
+    def __init__(self, loaded: LoadedModel, config: EngineConfig, num_blocks: int, eos_token_ids: set[int],
+                 cpu: kernels.CpuPlatform | None = None):
         self.model = loaded.model
         self.block_size = config.block_size
         self.device = torch.device(config.device)
@@ -30,18 +31,16 @@ class ModelRunner:
         # Zeroed: masked-out slots are still multiplied by 0 in attention, and 0 * NaN is NaN.
         # On CPUs, on huge pages where the OS gives them: advised before zeroing touches a page.
         self.kv_cache = torch.empty(shape, dtype=cache_dtype, device=self.device)
-        kernels.advise_huge_pages(self.kv_cache)
+        if cpu is not None and cpu.huge_pages:
+            kernels.advise_huge_pages(self.kv_cache)
         self.kv_cache.zero_()
         self.kv_caches = [(self.kv_cache[0, i], self.kv_cache[1, i]) for i in range(m.num_layers)]
         self.eos_token_ids = sorted(eos_token_ids)
-        on_cpu = self.device.type == "cpu"
-        native = kernels.paged_decode() if on_cpu and config.native_kernels else None
+        native = cpu.native if cpu is not None else None
         spec = AttentionSpec(m.num_heads, m.num_kv_heads, m.head_dim, self.block_size, self.device,
                              DTYPES[config.dtype], cache_dtype, frozenset(m.sliding_windows),
                              getattr(m, "attention_softcap", None) is not None)
         self.attention = select_backend(config.attention_backend, spec, native)
-        if on_cpu and config.native_kernels:
-            kernels.keep_large_allocations()
 
     @torch.inference_mode()
     def execute(self, plan: SchedulerOutput) -> ModelRunnerOutput:

@@ -23,7 +23,7 @@ def native():
     """The compiled native CPU kernels module; a build failure fails the test, never skips it."""
     from pravaha_core import kernels
 
-    module = kernels.paged_decode()
+    module = kernels.load_native()
     if module is None:
         pytest.fail("the native kernels did not build (compiler or ninja missing?)")
     return module

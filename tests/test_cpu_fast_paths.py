@@ -114,10 +114,10 @@ def test_engine_uses_fast_paths_only_for_float32_cpu_with_kernels():
     fast = Engine("dummy:llama-tiny", kv_cache_bytes=1 << 20)
     layer = fast.runner.model.layers[0]
     assert isinstance(layer.mlp.gate_up_proj, PackedLinear) and isinstance(fast.runner.model.lm_head, PackedLinear)
-    assert layer.mlp.fused is not None and layer.self_attn.fused is not None and layer.input_layernorm.fused is not None
+    assert layer.mlp.native is not None and layer.self_attn.native is not None and layer.input_layernorm.native is not None
     plain = Engine("dummy:llama-tiny", kv_cache_bytes=1 << 20, native_kernels=False)
     assert isinstance(plain.runner.model.layers[0].mlp.gate_up_proj, nn.Linear)
-    assert plain.runner.model.layers[0].mlp.fused is None
+    assert plain.runner.model.layers[0].mlp.native is None
     half = Engine("dummy:llama-tiny", kv_cache_bytes=1 << 20, dtype="bfloat16")
     assert isinstance(half.runner.model.layers[0].mlp.gate_up_proj, nn.Linear)
     params = SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True)
@@ -132,7 +132,7 @@ def test_fused_rms_norm(native, rows, hidden):
     norm.weight.data = torch.randn(hidden)
     x = torch.randn(rows, hidden) * 4
     want = norm(x)
-    norm.fused = native
+    norm.native = native
     torch.testing.assert_close(norm(x), want, rtol=1e-5, atol=1e-5)
 
 
@@ -148,7 +148,7 @@ def test_fused_add_rms_norm_carries_the_residual(native, rows, hidden):
     plain_stream = stream.clone()
     want, back = norm(x, plain_stream)
     assert back is plain_stream and torch.equal(plain_stream, want_sum)
-    norm.fused = native
+    norm.native = native
     fused_stream = stream.clone()
     got, back = norm(x, fused_stream)
     assert back is fused_stream and torch.equal(fused_stream, want_sum)
@@ -307,3 +307,19 @@ def test_weights_and_kv_cache_on_huge_pages_change_no_output(tmp_path):
     assert [o.token_ids for o in engine.generate(prompts, params)] == before
     for prompt, out in zip(prompts, before):
         assert out == hf_greedy(path, prompt, 10)
+
+
+def test_cpu_setup_is_one_step_the_engine_passes_down(native):
+    """The native module reaches the layers through their constructors; nothing is patched
+    into classes, and an engine without kernels leaves every layer on plain torch."""
+    from pravaha_core import kernels
+    from pravaha_core.models.layers import RMSNorm
+
+    off = kernels.setup_cpu(native_kernels=False, huge_pages=False)
+    assert off == kernels.CpuPlatform(None, False, False)
+    on = kernels.setup_cpu()
+    assert on.native is native
+    assert not hasattr(RMSNorm, "native") and RMSNorm(4, 1e-6).native is None
+    engine = Engine("dummy:llama-tiny", kv_cache_bytes=1 << 20)
+    norms = [m for m in engine.runner.model.modules() if isinstance(m, RMSNorm)]
+    assert norms and all(m.native is native for m in norms)

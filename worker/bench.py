@@ -118,7 +118,7 @@ def matmul_gflops(size: int = 2048, repeats: int = 5, trials: int = 5) -> dict:
         paths["oneDNN packed"] = lambda: packed(a)
     except (RuntimeError, AttributeError):     # no oneDNN in this torch build
         pass
-    native = kernels.paged_decode()
+    native = kernels.load_native()
     if native is not None and getattr(native, "panel_gemm", False):
         panels = PackedLinear(layer, native)
         paths["native panels"] = lambda: panels(a)

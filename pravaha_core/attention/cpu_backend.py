@@ -41,7 +41,7 @@ class CpuBackend(TorchBackend):
         if spec.device.type != "cpu":
             return f"needs a CPU device, not {spec.device}"
         if native is None:
-            return "the native kernels are not built (native_kernels=False, PRAVAHA_NO_KERNELS=1, or no compiler)"
+            return "the native kernels are not built (native_kernels=False, or no compiler)"
         if spec.softcap:
             return "the native kernels do not soft-cap attention logits (use 'torch')"
         if spec.cache_dtype not in NATIVE_CACHE_DTYPES:

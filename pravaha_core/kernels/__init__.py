@@ -1,8 +1,10 @@
-"""Optional native kernels, compiled on first use with torch's C++ extension loader.
+"""Optional native CPU kernels, compiled on first use with torch's C++ extension loader, and
+the process-wide CPU setup the engine does once (`setup_cpu`).
 
-`paged_decode()` returns the compiled module (paged decode attention, the fused float32
-RMSNorm, SiLU-and-multiply and rotary steps, and on AVX2 hosts the panel GEMM for linear layers), or None when it cannot be built (no compiler,
-no ninja, PRAVAHA_NO_KERNELS=1); the engine then uses its plain-torch paths.
+`load_native()` returns the compiled module (paged decode attention, the fused float32 RMSNorm,
+SiLU-and-multiply and rotary steps, and the panel GEMM for linear layers on AVX2 / AVX-512
+hosts), or None when it cannot be built (no compiler, no ninja); the engine then uses its
+plain-torch paths. Design notes: kernels/README.md.
 """
 
 from __future__ import annotations
@@ -12,23 +14,44 @@ import hashlib
 import logging
 import os
 import platform
+from dataclasses import dataclass
+from types import ModuleType
 
 log = logging.getLogger("pravaha.kernels")
 HERE = os.path.dirname(os.path.abspath(__file__))
 
 
+@dataclass(frozen=True)
+class CpuPlatform:
+    """What `setup_cpu` did: the compiled kernels module (or None), whether large tensors go on
+    transparent huge pages, and whether glibc keeps large blocks on the heap."""
+
+    native: ModuleType | None
+    huge_pages: bool
+    large_allocations_kept: bool
+
+
+def setup_cpu(native_kernels: bool = True, march: str = "native", huge_pages: bool = True) -> CpuPlatform:
+    """The engine's one CPU setup step: build or load the native kernels, and with them keep
+    glibc's large blocks on the heap (process-wide). Logged once per engine."""
+    native = load_native(march) if native_kernels else None
+    kept = keep_large_allocations() if native is not None else False
+    platform_ = CpuPlatform(native, huge_pages and platform.system() == "Linux", kept)
+    log.info("CPU setup: native kernels %s (march %s), huge pages %s, large blocks kept on the heap %s",
+             "on" if native is not None else "off", march, "on" if platform_.huge_pages else "off",
+             "yes" if kept else "no")
+    return platform_
+
+
 @functools.cache
-def paged_decode():
-    if os.environ.get("PRAVAHA_NO_KERNELS") == "1":
-        return None
+def load_native(march: str = "native") -> ModuleType | None:
+    """The compiled kernels for `march` (a -march value; "native": this CPU, "haswell": the
+    AVX2 paths, for tests and for images shared across CPU kinds), or None."""
     try:
         from torch.utils.cpp_extension import load
 
-        # PRAVAHA_KERNEL_MARCH: the -march to build for (default: this CPU); e.g. "haswell" runs
-        # the AVX2 paths on an AVX-512 host, for tests and for images shared across CPU kinds.
-        march = os.environ.get("PRAVAHA_KERNEL_MARCH", "native")
         if not march.replace("-", "").replace("_", "").isalnum():
-            raise ValueError(f"PRAVAHA_KERNEL_MARCH: {march!r} is not a -march value")
+            raise ValueError(f"kernel_march: {march!r} is not a -march value")
         name = f"pravaha_paged_attention_{platform.machine()}" + ("" if march == "native" else f"_{march.replace('-', '_')}")
         log.info("loading the native paged-attention kernel (the first use on a machine compiles it: ~40 s)")
         # torch rebuilds when a source or a flag changes, not a header: the header's hash is a flag.
@@ -50,7 +73,7 @@ def keep_large_allocations() -> bool:
     free, so every large activation of a prefill step page-faults its way in (a [2048, 1536]
     multiply took 12 ms instead of 2). Raising the mmap and trim thresholds keeps those blocks on
     the heap for reuse, as jemalloc or tcmalloc would. Process-wide, once; glibc only."""
-    if os.environ.get("PRAVAHA_NO_KERNELS") == "1" or platform.system() != "Linux":
+    if platform.system() != "Linux":
         return False
     try:
         import ctypes
@@ -74,7 +97,7 @@ def advise_huge_pages(tensor) -> int:
     pages and the page walks show: decode attention over 64 sequences at contexts of 300 took
     23.8 ms on 4 KiB pages and 20.6 ms on huge pages (30 layers, an AVX-512 EPYC). Returns the
     bytes advised: 0 off Linux, for small tensors, or where the kernel refuses."""
-    if platform.system() != "Linux" or tensor.device.type != "cpu" or os.environ.get("PRAVAHA_NO_HUGE_PAGES") == "1":
+    if platform.system() != "Linux" or tensor.device.type != "cpu":
         return 0
     start = -(-tensor.data_ptr() // HUGE_PAGE) * HUGE_PAGE
     end = (tensor.data_ptr() + tensor.numel() * tensor.element_size()) // HUGE_PAGE * HUGE_PAGE

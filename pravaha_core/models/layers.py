@@ -9,26 +9,26 @@ from torch import nn
 
 
 class RMSNorm(nn.Module):
-    """RMS norm computed in float32, as HF's Llama does."""
+    """RMS norm computed in float32, as HF's Llama does. `native`: the compiled CPU kernels
+    module, for float32 inputs (None: plain torch)."""
 
-    fused = None    # the native module (float32 CPU fast path), set by use_fused_ops
-
-    def __init__(self, hidden_size: int, eps: float):
+    def __init__(self, hidden_size: int, eps: float, native=None):
         super().__init__()
         self.weight = nn.Parameter(torch.ones(hidden_size))
         self.eps = eps
+        self.native = native
 
     def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None):
         """norm(x); with `residual`, (norm(residual + x), residual + x), the sum written into
         `residual` in place (the layer's residual stream, as vLLM carries it)."""
-        fast = self.fused is not None and x.dtype == torch.float32 and x.dim() == 2
+        fast = self.native is not None and x.dtype == torch.float32 and x.dim() == 2
         if residual is not None:
             if fast and residual.dtype == torch.float32 and residual.is_contiguous():
-                return self.fused.add_rms_norm_(x, residual, self.weight, self.eps), residual
+                return self.native.add_rms_norm_(x, residual, self.weight, self.eps), residual
             residual += x
             return self.forward(residual), residual
         if fast:
-            return self.fused.rms_norm(x, self.weight, self.eps)
+            return self.native.rms_norm(x, self.weight, self.eps)
         dtype = x.dtype
         x = x.float()
         x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
@@ -236,13 +236,3 @@ def onto_huge_pages(model: nn.Module, min_bytes: int = 1 << 20) -> int:
             else:
                 setattr(owner, name, moved)
     return total
-
-
-def use_fused_ops(model: nn.Module, native) -> int:
-    """Point every module with a float32 CPU fast path (`fused` attribute) at the native module."""
-    count = 0
-    for module in model.modules():
-        if hasattr(type(module), "fused"):
-            module.fused = native
-            count += 1
-    return count

@@ -41,7 +41,7 @@ def sliding_windows(cfg: dict, num_layers: int) -> list[int | None]:
 
 
 class LlamaAttention(nn.Module):
-    def __init__(self, cfg: dict, head_dim: int, rotary: RotaryEmbedding, window: int | None):
+    def __init__(self, cfg: dict, head_dim: int, rotary: RotaryEmbedding, window: int | None, native=None):
         super().__init__()
         hidden = cfg["hidden_size"]
         self.num_heads = cfg["num_attention_heads"]
@@ -56,15 +56,14 @@ class LlamaAttention(nn.Module):
         self.rotary = rotary
         self.window = window
         self.scale = head_dim ** -0.5
-
-    fused = None    # the native module (float32 CPU fast path), set by use_fused_ops
+        self.native = native            # the compiled CPU kernels (float32 fast path), or None
 
     def forward(self, x, positions, meta, kv_cache):
         t = x.shape[0]
         qkv = self.qkv_proj(x)
-        fused = self.fused is not None and qkv.dtype == torch.float32 and qkv.is_contiguous()
+        fused = self.native is not None and qkv.dtype == torch.float32 and qkv.is_contiguous()
         if fused:                                       # rotate q and k in place, in one pass
-            self.fused.rotary_(qkv, positions, self.rotary.cos, self.rotary.sin,
+            self.native.rotary_(qkv, positions, self.rotary.cos, self.rotary.sin,
                                self.num_heads + self.num_kv_heads, self.head_dim)
         q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
         q = q.view(t, self.num_heads, self.head_dim)
@@ -77,7 +76,7 @@ class LlamaAttention(nn.Module):
 
 
 class LlamaMLP(nn.Module):
-    def __init__(self, cfg: dict):
+    def __init__(self, cfg: dict, native=None):
         super().__init__()
         if cfg.get("hidden_act", "silu") != "silu":
             raise ValueError(f"hidden_act {cfg.get('hidden_act')!r} is not supported (supported: silu)")
@@ -86,28 +85,28 @@ class LlamaMLP(nn.Module):
         self.inter = inter
         self.gate_up_proj = nn.Linear(hidden, 2 * inter, bias=bias)
         self.down_proj = nn.Linear(inter, hidden, bias=bias)
+        self.native = native            # the compiled CPU kernels (float32 fast path), or None
 
-    fused = None    # the native module (float32 CPU fast path), set by use_fused_ops
     glu_projection = "gate_up_proj"   # pack_linears may fuse silu(gate) * up into its GEMM
 
     def forward(self, x):
         if getattr(self.gate_up_proj, "glu", False):
             return self.down_proj(self.gate_up_proj(x))
         gate_up = self.gate_up_proj(x)
-        if self.fused is not None and gate_up.dtype == torch.float32 and gate_up.dim() == 2:
-            return self.down_proj(self.fused.silu_mul(gate_up))
+        if self.native is not None and gate_up.dtype == torch.float32 and gate_up.dim() == 2:
+            return self.down_proj(self.native.silu_mul(gate_up))
         gate, up = gate_up.split(self.inter, dim=-1)
         return self.down_proj(F.silu(gate) * up)
 
 
 class LlamaDecoderLayer(nn.Module):
-    def __init__(self, cfg: dict, head_dim: int, rotary: RotaryEmbedding, window: int | None):
+    def __init__(self, cfg: dict, head_dim: int, rotary: RotaryEmbedding, window: int | None, native=None):
         super().__init__()
         eps = cfg.get("rms_norm_eps", 1e-6)
-        self.input_layernorm = RMSNorm(cfg["hidden_size"], eps)
-        self.self_attn = LlamaAttention(cfg, head_dim, rotary, window)
-        self.post_attention_layernorm = RMSNorm(cfg["hidden_size"], eps)
-        self.mlp = LlamaMLP(cfg)
+        self.input_layernorm = RMSNorm(cfg["hidden_size"], eps, native)
+        self.self_attn = LlamaAttention(cfg, head_dim, rotary, window, native)
+        self.post_attention_layernorm = RMSNorm(cfg["hidden_size"], eps, native)
+        self.mlp = LlamaMLP(cfg, native)
 
     def forward(self, x, residual, positions, meta, kv_cache):
         """x: the previous layer's output, residual: the stream before it (None at layer 0) ->
@@ -122,13 +121,14 @@ class LlamaDecoderLayer(nn.Module):
 
 
 class LlamaForCausalLM(nn.Module):
-    """Serves model_type llama, mistral and qwen2."""
+    """Serves model_type llama, mistral and qwen2. `native`: the compiled CPU kernels module for
+    the float32 fast paths (norms, rotary, SiLU-multiply), or None."""
 
     # (our fused parameter, HF's piece, shard index)
     stacked_params = [("qkv_proj", "q_proj", 0), ("qkv_proj", "k_proj", 1), ("qkv_proj", "v_proj", 2),
                       ("gate_up_proj", "gate_proj", 0), ("gate_up_proj", "up_proj", 1)]
 
-    def __init__(self, cfg: dict, max_len: int):
+    def __init__(self, cfg: dict, max_len: int, native=None):
         super().__init__()
         self.num_layers = cfg["num_hidden_layers"]
         self.num_heads = cfg["num_attention_heads"]
@@ -139,9 +139,9 @@ class LlamaForCausalLM(nn.Module):
         self.sliding_windows = sliding_windows(cfg, self.num_layers)
         rotary = RotaryEmbedding(self.head_dim, max_len, rope_config(cfg))
         self.embed_tokens = nn.Embedding(self.vocab_size, cfg["hidden_size"])
-        self.layers = nn.ModuleList(LlamaDecoderLayer(cfg, self.head_dim, rotary, w)
+        self.layers = nn.ModuleList(LlamaDecoderLayer(cfg, self.head_dim, rotary, w, native)
                                     for w in self.sliding_windows)
-        self.norm = RMSNorm(cfg["hidden_size"], cfg.get("rms_norm_eps", 1e-6))
+        self.norm = RMSNorm(cfg["hidden_size"], cfg.get("rms_norm_eps", 1e-6), native)
         self.lm_head = None if self.tie_word_embeddings else nn.Linear(cfg["hidden_size"], self.vocab_size,
                                                                        bias=False)
 
