@@ -14,7 +14,9 @@ from starlette.exceptions import HTTPException
 
 from ..aio import REDIS_DOWN, AsyncClient
 from ..openai_api import CHAT, COMPLETIONS, RequestError
+from .batches import BatchManager
 from .config import GatewayConfig
+from .files_api import add_batch_routes
 from .generate import Gateway, bad_request, error_response, generate
 from .metrics import GatewayMetrics, GatewayMiddleware
 
@@ -30,11 +32,14 @@ def create_app(config: GatewayConfig) -> FastAPI:
     async def lifespan(_app: FastAPI):
         client = AsyncClient(config.redis_url, stream=config.stream, prefix=config.prefix,
                              max_backlog=config.max_backlog)
-        state["gw"] = Gateway(config, client, metrics)
+        gw = state["gw"] = Gateway(config, client, metrics)
+        gw.batches = BatchManager(config, client.names)
+        gw.batches.start()
         log.info("gateway serving %s on http://%s:%d", config.stream, config.host, config.port)
         try:
             yield
         finally:
+            gw.batches.stop()
             await client.aclose()
 
     app = FastAPI(title="Pravāha gateway", lifespan=lifespan, docs_url=None, redoc_url=None)
@@ -68,6 +73,7 @@ def create_app(config: GatewayConfig) -> FastAPI:
     async def prometheus() -> Response:
         return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
+    add_batch_routes(app, lambda: state["gw"].batches)
     return app
 
 

@@ -38,6 +38,7 @@ class Gateway:
     config: GatewayConfig
     client: AsyncClient
     metrics: GatewayMetrics
+    batches: object = None   # the BatchManager
     tasks: set = field(default_factory=set)
 
     def cancel_later(self, rids: list[str], reason: str) -> None:
