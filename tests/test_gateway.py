@@ -8,6 +8,11 @@ from __future__ import annotations
 import asyncio
 import http.client
 import json
+import os
+import re
+import shlex
+import subprocess
+import sys
 import time
 
 import openai
@@ -18,7 +23,7 @@ from producer import Client
 from producer.names import Names
 from tests.checkpoints import make_chat_checkpoint
 from tests.gateway_helpers import GatewayProcess, get, metric, post_json
-from tests.redis_helpers import RedisServer, WorkerProcess, require_redis, wait_until
+from tests.redis_helpers import ROOT, RedisServer, WorkerProcess, require_redis, wait_until
 from worker.embedded import free_port
 
 KEY = "sk-test-key"
@@ -242,3 +247,31 @@ def test_401_504_and_429(stack):
         oai.chat.completions.create(model="m", messages=[{"role": "user", "content": "hi"}], stream=True)
     assert err.value.response.headers["retry-after"] == "1" and err.value.body["code"] == "rate_limit_exceeded"
     sdk.close()
+
+
+def test_readme_serve_command_and_openai_snippet(stack, tmp_path):
+    """The README's `pravaha serve` line and openai snippet, run as written (URLs pointed here)."""
+    readme = open(os.path.join(ROOT, "README.md"), encoding="utf-8").read()
+    line = next(ln for block in re.findall(r"```bash\n(.*?)```", readme, re.S) for ln in block.splitlines()
+                if ln.startswith("pravaha serve"))
+    port = str(free_port())
+    args = [a.replace("redis://127.0.0.1:6379/0", stack.redis.url).replace("8000", port)
+            for a in shlex.split(line.split("#")[0])[1:]]
+    proc = subprocess.Popen([sys.executable, "-m", "worker.cli", *args], cwd=tmp_path,
+                            env=dict(os.environ, PYTHONPATH=ROOT), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        wait_until(lambda: _up(f"http://127.0.0.1:{port}/health"), 60, "the README's gateway")
+        snippet = next(b for b in re.findall(r"```python\n(.*?)```", readme, re.S) if "from openai import" in b)
+        ran = subprocess.run([sys.executable, "-c", snippet.replace("127.0.0.1:8000", f"127.0.0.1:{port}")],
+                             capture_output=True, text=True, timeout=120)
+        assert ran.returncode == 0, ran.stderr
+    finally:
+        proc.kill()
+        proc.wait()
+
+
+def _up(url: str) -> bool:
+    try:
+        return get(url)[0] == 200
+    except OSError:
+        return False
