@@ -150,3 +150,48 @@ def test_gateway_sigkilled_mid_batch_resumes_with_one_line_per_input_line(cluste
         assert lines_of(oai, done.error_file_id) == []
     finally:
         second.kill()
+
+
+def memory_lines(n: int, tag: str) -> list:
+    """1 line in 64 a real generation (max_tokens 1); the rest duplicates, malformed or invalid."""
+    lines = []
+    for i in range(n):
+        k = i % 64
+        if k == 0:
+            lines.append(completion(f"{tag}-{i}", f"{tag} memory {i}", 1))
+        elif k < 40:
+            lines.append(completion(f"{tag}-{i - k}", f"{tag} duplicate {i}", 1))
+        elif k < 48:
+            lines.append(b'{"custom_id": "x", "body": not json}')
+        else:
+            lines.append(completion(f"{tag}-{i}", f"{tag} p {i}", 1, top_p=7))
+    return lines
+
+
+def test_gateway_memory_flat_in_batch_size(cluster, monkeypatch):
+    """The input is streamed and custom_ids live on disk: a batch file 10x larger (its upload,
+    run and download) grows the gateway's peak RSS by a fraction of the file's own size."""
+    monkeypatch.setenv("MALLOC_ARENA_MAX", "2")   # glibc's per-thread arenas would add noise of their own
+    gw = gateway(cluster, "memory")
+    oai = openai.OpenAI(base_url=gw.url + "/v1", api_key="unused", max_retries=0, timeout=120)
+    peaks, sizes = {}, {}
+    try:
+        for n in (8_000, 80_000):
+            file_id = upload(oai, cluster[1], memory_lines(n, f"mem{n}"))
+            sizes[n] = oai.files.retrieve(file_id).bytes
+            batch = oai.batches.create(input_file_id=file_id, endpoint=COMPLETIONS, completion_window="24h")
+            done = wait_final(oai, batch.id, timeout=150)
+            assert done.request_counts.total == n and done.request_counts.completed == -(-n // 64), done
+            assert len(oai.files.content(done.error_file_id).content.splitlines()) == n - done.request_counts.completed
+            peaks[n] = peak_rss_kb(gw.proc.pid)
+    finally:
+        gw.kill()
+    growth = peaks[80_000] - peaks[8_000]
+    print(f"\n[gateway] peak RSS {peaks[8_000] / 1024:.1f} MiB after an 8k-line batch ({sizes[8_000] / 1e6:.1f} MB), "
+          f"{peaks[80_000] / 1024:.1f} MiB after an 80k-line one ({sizes[80_000] / 1e6:.1f} MB)")
+    assert growth < 4 * 1024 and sizes[80_000] > 12e6, (peaks, sizes)   # a third of the input
+
+
+def peak_rss_kb(pid: int) -> int:
+    with open(f"/proc/{pid}/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("VmHWM:"))
