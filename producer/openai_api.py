@@ -10,6 +10,8 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 
+from pravaha_core.sampling_params import SamplingParams
+
 from .wire import Completion, Result, TokenEvent, Usage
 
 COMPLETIONS, CHAT = "/v1/completions", "/v1/chat/completions"
@@ -65,8 +67,6 @@ def parse_body(url: str, body: dict) -> ParsedRequest:
 
 
 def _params(body: dict, chat: bool) -> dict:
-    from pravaha_core.sampling_params import SamplingParams
-
     params = {k: body[k] for k in PASSTHROUGH if body.get(k) is not None}
     if body.get("stop") is not None:
         params["stop"] = body["stop"]

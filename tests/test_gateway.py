@@ -247,6 +247,10 @@ def test_401_504_and_429(stack):
         oai.chat.completions.create(model="m", messages=[{"role": "user", "content": "hi"}], stream=True)
     assert err.value.response.headers["retry-after"] == "1" and err.value.body["code"] == "rate_limit_exceeded"
     sdk.close()
+    scrape = get(stack.strict.url + "/metrics")[1].decode()
+    assert metric(scrape, 'pravaha_gateway_errors_total{class="4xx"}') >= 3
+    assert metric(scrape, 'pravaha_gateway_errors_total{class="5xx"}') >= 1   # the 504
+    assert metric(scrape, "pravaha_gateway_queue_full_total") == 1
 
 
 def test_readme_serve_command_and_openai_snippet(stack, tmp_path):
