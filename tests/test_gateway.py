@@ -219,6 +219,23 @@ def test_disconnect_mid_stream_cancels_and_frees_kv_blocks(stack):
     assert metric(gw, "pravaha_gateway_open_streams") == 0
 
 
+def test_disconnect_while_waiting_for_a_whole_answer_cancels(stack):
+    r = redis.Redis.from_url(stack.redis.url)
+    before = set(r.keys(Names().cancelled("*")))
+    conn = http.client.HTTPConnection("127.0.0.1", stack.gateway.port, timeout=0.5)
+    conn.request("POST", "/v1/completions", json.dumps(
+        {"model": stack.model, "prompt": "Another long story", "max_tokens": 450, "ignore_eos": True}),
+        {"Content-Type": "application/json"})
+    with pytest.raises(TimeoutError):
+        conn.getresponse()
+    conn.sock.close()   # gone before the answer
+    conn.close()
+    (key,) = wait_until(lambda: set(r.keys(Names().cancelled("*"))) - before, 10, "the request's cancel key")
+    result = Client(stack.redis.url).result(key.decode().split("{")[1].split("}")[0], timeout=30)
+    assert result.finish_reason == "abort" and len(result.token_ids) < 450, (result.finish_reason,
+                                                                             len(result.token_ids))
+
+
 def test_401_504_and_429(stack):
     url, auth = stack.strict.url + "/v1", {"Authorization": f"Bearer {KEY}"}
     status, body, _ = post_json(url + "/completions", {"prompt": "x"})

@@ -106,13 +106,13 @@ async def until_disconnect(request: Request, awaitable):
     work = asyncio.ensure_future(awaitable)
     gone = asyncio.ensure_future(_disconnected(request))
     try:
-        await asyncio.wait({work, gone}, return_when=asyncio.FIRST_COMPLETED)
+        done, _ = await asyncio.wait({work, gone}, return_when=asyncio.FIRST_COMPLETED)
     finally:
         gone.cancel()
         if not work.done():
             work.cancel()
             await asyncio.gather(work, return_exceptions=True)   # settled before anyone reuses its generator
-    if work.cancelled():
+    if work not in done:
         raise ClientGone()
     return work.result()
 
