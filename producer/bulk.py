@@ -21,16 +21,11 @@ from dataclasses import dataclass, field
 
 import redis
 
-from .client import Client, QueueFull, check_prompt
+from . import openai_api
+from .client import Client, QueueFull
+from .openai_api import CHAT, CHAT_DEFAULT_MAX_TOKENS, COMPLETIONS, IGNORED, PASSTHROUGH  # noqa: F401 - re-exported
 from .wire import Result, decode
 
-COMPLETIONS, CHAT = "/v1/completions", "/v1/chat/completions"
-CHAT_DEFAULT_MAX_TOKENS = 256
-# OpenAI body fields (and vLLM's extensions) that map straight onto SamplingParams.
-PASSTHROUGH = ("temperature", "top_p", "n", "seed", "presence_penalty", "frequency_penalty", "top_k",
-               "min_p", "repetition_penalty", "min_tokens", "ignore_eos", "stop_token_ids",
-               "skip_special_tokens", "include_stop_str_in_output")
-IGNORED = ("model", "user", "stream", "stream_options")
 REDIS_DOWN = (redis.ConnectionError, redis.TimeoutError, redis.BusyLoadingError)
 
 
@@ -88,67 +83,19 @@ def parse_line(raw: bytes, line_no: int) -> BulkRequest:
 
 
 def _request(line_no: int, custom_id: str, url: str, body: dict) -> BulkRequest:
-    chat = url == CHAT
-    allowed = set(PASSTHROUGH) | set(IGNORED) | {"max_tokens", "stop", "logprobs"} | (
-        {"messages", "max_completion_tokens", "top_logprobs"} if chat else {"prompt"})
-    unknown = sorted(set(body) - allowed)
-    if unknown:
-        raise LineError("invalid_request", f"body.{unknown[0]}: not supported")
-    params = {k: body[k] for k in PASSTHROUGH if body.get(k) is not None}
-    if body.get("stop") is not None:
-        params["stop"] = body["stop"]
-    max_tokens = body.get("max_completion_tokens", body.get("max_tokens")) if chat else body.get("max_tokens")
-    params["max_tokens"] = max_tokens if max_tokens is not None else (CHAT_DEFAULT_MAX_TOKENS if chat else 16)
-    if chat and body.get("logprobs"):
-        params["logprobs"] = body.get("top_logprobs") or 0
-    elif not chat and body.get("logprobs") is not None:
-        params["logprobs"] = body["logprobs"]
-    _check_params(params)
-    model = body.get("model") if isinstance(body.get("model"), str) else ""
-    prompt, messages = (None, body.get("messages")) if chat else (body.get("prompt"), None)
-    if isinstance(prompt, list) and prompt and all(isinstance(p, str) for p in prompt):
+    try:
+        parsed = openai_api.parse_body(url, body)
+    except openai_api.RequestError as exc:
+        raise LineError("invalid_request", exc.message) from None
+    if len(parsed.prompts) != 1:
         raise LineError("invalid_request", "body.prompt: a list of prompts is not supported; one prompt per line")
-    try:
-        check_prompt(prompt, messages)
-    except ValueError as exc:
-        raise LineError("invalid_request", f"body.{exc}") from None
-    return BulkRequest(line_no, custom_id, url, model, params, prompt=prompt, messages=messages)
-
-
-def _check_params(params: dict) -> None:
-    from pravaha_core.sampling_params import SamplingParams
-
-    try:
-        SamplingParams.from_dict(dict(params))
-    except (ValueError, TypeError) as exc:
-        raise LineError("invalid_request", f"body: {exc}") from None
+    return BulkRequest(line_no, custom_id, url, parsed.model, parsed.params, prompt=parsed.prompts[0],
+                       messages=parsed.messages)
 
 
 def response_body(req: BulkRequest, result: Result, created: int) -> dict:
     """The OpenAI completion / chat.completion object for a finished request."""
-    chat = req.url == CHAT
-    choices = []
-    for c in result.completions:
-        choice = {"index": c.index, "finish_reason": c.finish_reason, "logprobs": _logprobs(c)}
-        if chat:
-            choice["message"] = {"role": "assistant", "content": c.text}
-        else:
-            choice["text"] = c.text
-        choices.append(choice)
-    u = result.usage
-    return {"id": f"{'chatcmpl' if chat else 'cmpl'}-{result.request_id}",
-            "object": "chat.completion" if chat else "text_completion", "created": created,
-            "model": req.model, "choices": choices,
-            "usage": {"prompt_tokens": u.prompt_tokens, "completion_tokens": u.completion_tokens,
-                      "total_tokens": u.total_tokens}}
-
-
-def _logprobs(c) -> dict | None:
-    if c.logprobs is None:
-        return None
-    return {"token_ids": c.token_ids,
-            "token_logprobs": [lp.get(t) for t, lp in zip(c.token_ids, c.logprobs)],
-            "top_logprobs": [{str(t): v for t, v in lp.items()} for lp in c.logprobs]}
+    return openai_api.response_body(req.url == CHAT, req.model, [result], created, req.params.get("logprobs"))
 
 
 def output_line(line_no: int, custom_id: str | None, response: dict | None, error: dict | None) -> bytes:

@@ -31,6 +31,33 @@ class Names:
         """Workers subscribe here; a message is a request id to stop."""
         return f"{self.prefix}:cancel"
 
+    @property
+    def models(self) -> str:
+        """Sorted set: model name -> UNIX time its announcement expires (workers refresh it)."""
+        return f"{self.prefix}:models"
+
+    @property
+    def batches(self) -> str:
+        """Sorted set of every batch id by creation time (GET /v1/batches)."""
+        return f"{self.prefix}:batches"
+
+    @property
+    def active_batches(self) -> str:
+        """Set of batch ids not yet in a final state; gateways adopt those whose lease is free."""
+        return f"{self.prefix}:batches:active"
+
+    def batch(self, batch_id: str) -> str:
+        """Hash: the state of one batch (its OpenAI object's fields, JSON-encoded)."""
+        return f"{self.prefix}:batch:{{{batch_id}}}"
+
+    def batch_lease(self, batch_id: str) -> str:
+        """The gateway running the batch now (with a TTL it refreshes)."""
+        return f"{self.prefix}:batch:{{{batch_id}}}:lease"
+
+    def file(self, file_id: str) -> str:
+        """Hash: one uploaded or produced file's metadata (the bytes live on the filesystem)."""
+        return f"{self.prefix}:file:{{{file_id}}}"
+
     def channel(self, request_id: str) -> str:
         """Pub/sub channel carrying the request's token events, live."""
         return f"{self.prefix}:{{{request_id}}}:tokens"

@@ -49,6 +49,7 @@ class TokenEvent(msgspec.Struct, kw_only=True):
     error: str | None = None
     usage: Usage | None = None
     logprobs: list[dict[int, float]] | None = None   # per token: top-k alternatives + the sampled id
+    logprob_texts: dict[int, str] | None = None      # each id in logprobs -> its text (for OpenAI's shapes)
 
 
 class Completion(msgspec.Struct, kw_only=True):
@@ -58,6 +59,7 @@ class Completion(msgspec.Struct, kw_only=True):
     finish_reason: str | None
     error: str | None = None
     logprobs: list[dict[int, float]] | None = None
+    logprob_texts: dict[int, str] | None = None
 
 
 class Result(msgspec.Struct, kw_only=True):

@@ -83,3 +83,18 @@ def _hf_model(path: str):
     if path not in _models:
         _models[path] = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
     return _models[path]
+
+
+CHAT_TEMPLATE = ("{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
+                 "{% if add_generation_prompt %}assistant: {% endif %}")
+
+
+def make_chat_checkpoint(path: str) -> str:
+    """A tiny llama checkpoint whose tokenizer has a plain "role: content" chat template."""
+    from transformers import AutoTokenizer
+
+    make_checkpoint("llama", path)
+    tok = AutoTokenizer.from_pretrained(path)
+    tok.chat_template = CHAT_TEMPLATE
+    tok.save_pretrained(path)
+    return path

@@ -388,9 +388,12 @@ def test_malformed_and_duplicate_lines_get_error_lines(cluster, tmp_path):
     body = check_completion_line(got[15], "good-n2", 3)
     assert [c["index"] for c in body["choices"]] == [0, 1]
     body = check_completion_line(got[16], "good-logprobs", 3)
-    lp = body["choices"][0]["logprobs"]
-    assert len(lp["token_ids"]) == len(lp["token_logprobs"]) == len(lp["top_logprobs"]) == body["usage"]["completion_tokens"]
-    assert all(2 <= len(top) <= 3 for top in lp["top_logprobs"])
+    lp = body["choices"][0]["logprobs"]   # OpenAI's completion logprobs: k alternatives per token
+    assert set(lp) == {"tokens", "token_logprobs", "top_logprobs", "text_offset"}
+    assert len(lp["tokens"]) == len(lp["token_logprobs"]) == len(lp["top_logprobs"]) == len(lp["text_offset"]) \
+        == body["usage"]["completion_tokens"]
+    assert "".join(lp["tokens"]) == body["choices"][0]["text"]
+    assert all(1 <= len(top) <= 2 for top in lp["top_logprobs"])
     body = check_completion_line(got[17], "good-ids", 3)
     assert body["usage"]["prompt_tokens"] == 3
     check_error_line(got[18], "good-ids", "duplicate_custom_id", "line 18")
@@ -487,7 +490,9 @@ def test_chat_line_with_a_chat_template_embedded(chat_checkpoint, tmp_path):
     assert body["usage"]["prompt_tokens"] > len("Be brief.Hello there") // 4
     assert check_completion_line(got[1], "plain-1", 5)["object"] == "text_completion"
     body = check_completion_line(got[2], "chat-2", 4, chat_line=True)
-    assert body["choices"][0]["logprobs"] is not None
+    content = body["choices"][0]["logprobs"]["content"]   # OpenAI's chat logprobs
+    assert len(content) == body["usage"]["completion_tokens"]
+    assert all(set(t) == {"token", "logprob", "bytes", "top_logprobs"} and len(t["top_logprobs"]) == 2 for t in content)
     assert summary_of(ran.stdout)[:2] == (3, {"ok": 3})
 
 

@@ -1,6 +1,7 @@
 """The Kubernetes manifests, checked offline: render, validate, cross-check; and a live scrape
 of a worker's /metrics, /healthz and /readyz."""
 
+import argparse
 import copy
 import os
 import shutil
@@ -16,6 +17,8 @@ import pytest
 import yaml
 
 from producer import Client
+from producer.gateway.config import add_serve_flags
+from producer.gateway.config import config_from_args as gateway_config
 from producer.names import DEFAULT_GROUP, DEFAULT_STREAM
 from worker.embedded import free_port
 from worker.settings import WorkerConfig
@@ -45,14 +48,14 @@ def one(docs, kind, name=None):
 
 
 def worker_container(docs):
-    return one(docs, "Deployment")["spec"]["template"]["spec"]["containers"][0]
+    return one(docs, "Deployment", "pravaha-worker")["spec"]["template"]["spec"]["containers"][0]
 
 
 def test_base_and_overlay_render(overlay):
     base = render("k8s/base")
     kinds = {d["kind"] for d in base}
     assert kinds >= {"Deployment", "ConfigMap", "ScaledObject", "PodDisruptionBudget", "StatefulSet",
-                     "Service", "NetworkPolicy"}
+                     "Service", "NetworkPolicy", "HorizontalPodAutoscaler", "PersistentVolumeClaim"}
     assert {d["kind"] for d in overlay} == kinds | {"Namespace", "Secret"}
     assert all(d["metadata"].get("namespace") == "pravaha" for d in overlay if d["kind"] != "Namespace")
 
@@ -64,7 +67,7 @@ def test_builtin_kinds_validate_strictly(overlay):
         if doc["kind"] == "ScaledObject":
             continue
         kubernetes_validate.validate(doc, K8S_VERSION, strict=True)   # raises on any error
-    broken = copy.deepcopy(one(overlay, "Deployment"))
+    broken = copy.deepcopy(one(overlay, "Deployment", "pravaha-worker"))
     broken["spec"]["template"]["spec"]["containers"][0]["readinessProb"] = {}
     with pytest.raises(kubernetes_validate.ValidationError):
         kubernetes_validate.validate(broken, K8S_VERSION, strict=True)
@@ -102,7 +105,7 @@ def test_scaled_object_matches_keda_crd(overlay):
 
 def test_scaled_object_scales_on_the_worker_groups_lag(overlay):
     scaled = one(overlay, "ScaledObject")
-    deployment = one(overlay, "Deployment")
+    deployment = one(overlay, "Deployment", "pravaha-worker")
     assert scaled["spec"]["scaleTargetRef"]["name"] == deployment["metadata"]["name"]
     assert scaled["spec"]["minReplicaCount"] == 0   # scale to zero allowed
     triggers = {t["name"]: t for t in scaled["spec"]["triggers"]}
@@ -117,24 +120,24 @@ def test_scaled_object_scales_on_the_worker_groups_lag(overlay):
 
 
 def test_selectors_match_pod_labels(overlay):
-    for kind in ("Deployment", "StatefulSet"):
-        obj = one(overlay, kind)
+    for kind, name in (("Deployment", "pravaha-worker"), ("Deployment", "pravaha-gateway"), ("StatefulSet", None)):
+        obj = one(overlay, kind, name)
         labels = obj["spec"]["template"]["metadata"]["labels"]
         assert obj["spec"]["selector"]["matchLabels"].items() <= labels.items()
-    worker_labels = one(overlay, "Deployment")["spec"]["template"]["metadata"]["labels"]
+    worker_labels = one(overlay, "Deployment", "pravaha-worker")["spec"]["template"]["metadata"]["labels"]
     redis_labels = one(overlay, "StatefulSet")["spec"]["template"]["metadata"]["labels"]
-    assert one(overlay, "PodDisruptionBudget")["spec"]["selector"]["matchLabels"].items() <= worker_labels.items()
-    assert one(overlay, "Service")["spec"]["selector"].items() <= redis_labels.items()
+    assert one(overlay, "PodDisruptionBudget", "pravaha-worker")["spec"]["selector"]["matchLabels"].items() <= worker_labels.items()
+    assert one(overlay, "Service", "pravaha-redis")["spec"]["selector"].items() <= redis_labels.items()
     policy = one(overlay, "NetworkPolicy")["spec"]
     assert policy["podSelector"]["matchLabels"].items() <= redis_labels.items()
     allowed = policy["ingress"][0]["from"][0]["podSelector"]["matchLabels"]
     assert allowed.items() <= worker_labels.items(), "workers must be allowed to reach Redis"
-    assert one(overlay, "StatefulSet")["spec"]["serviceName"] == one(overlay, "Service")["metadata"]["name"]
+    assert one(overlay, "StatefulSet")["spec"]["serviceName"] == one(overlay, "Service", "pravaha-redis")["metadata"]["name"]
 
 
 def test_worker_pod_settings_match_worker_defaults(overlay):
     container = worker_container(overlay)
-    pod = one(overlay, "Deployment")["spec"]["template"]["spec"]
+    pod = one(overlay, "Deployment", "pravaha-worker")["spec"]["template"]["spec"]
     config = one(overlay, "ConfigMap", "pravaha-worker")["data"]
     defaults = WorkerConfig(consumer="x")
     flag_envs = {"PRAVAHA_" + f.name.upper() for f in fields(WorkerConfig)}
@@ -155,6 +158,39 @@ def test_worker_pod_settings_match_worker_defaults(overlay):
             and "secretKeyRef" in e["valueFrom"]]
     assert refs and all(r == secret for r in refs)
     assert {e["name"]: e.get("value") for e in container["env"]}["PRAVAHA_REDIS_URL"].endswith("@pravaha-redis:6379/0")
+
+
+def test_gateway_deployment_service_pdb_hpa(overlay, monkeypatch):
+    deployment = one(overlay, "Deployment", "pravaha-gateway")
+    pod = deployment["spec"]["template"]
+    labels, container = pod["metadata"]["labels"], pod["spec"]["containers"][0]
+    assert container["args"][0] == "serve" and "nvidia.com/gpu" not in container["resources"]["limits"]
+    service = one(overlay, "Service", "pravaha-gateway")["spec"]
+    assert service["selector"].items() <= labels.items()
+    assert service["ports"][0]["targetPort"] == container["ports"][0]["name"]
+    assert one(overlay, "PodDisruptionBudget", "pravaha-gateway")["spec"]["selector"]["matchLabels"].items() \
+        <= labels.items()
+    hpa = one(overlay, "HorizontalPodAutoscaler", "pravaha-gateway")["spec"]
+    assert hpa["scaleTargetRef"] == {"apiVersion": "apps/v1", "kind": "Deployment", "name": "pravaha-gateway"}
+    assert 1 <= hpa["minReplicas"] <= hpa["maxReplicas"]
+    policy = one(overlay, "NetworkPolicy", "pravaha-redis")["spec"]
+    allowed = policy["ingress"][0]["from"][0]["podSelector"]["matchLabels"]
+    assert allowed.items() <= labels.items(), "gateways must be allowed to reach Redis"
+    # The env the pod sets is what `pravaha serve` reads: its port and files dir line up.
+    env = {e["name"]: e.get("value") for e in container["env"]}
+    for name, value in env.items():
+        if value is not None and "$(" not in value:
+            monkeypatch.setenv(name, value)
+    parser = argparse.ArgumentParser()
+    add_serve_flags(parser)
+    config = gateway_config(parser.parse_args([]))
+    assert config.port == container["ports"][0]["containerPort"] == int(pod["metadata"]["annotations"]["prometheus.io/port"])
+    assert container["readinessProbe"]["httpGet"]["path"] == "/health"
+    mounts = {m["name"]: m["mountPath"] for m in container["volumeMounts"]}
+    assert mounts["files"] == config.files_dir
+    claim = next(v for v in pod["spec"]["volumes"] if v["name"] == "files")["persistentVolumeClaim"]["claimName"]
+    pvc = one(overlay, "PersistentVolumeClaim", claim)
+    assert pvc["spec"]["accessModes"] == ["ReadWriteMany"], "every gateway replica mounts the files"
 
 
 def test_redis_persists_with_aof(overlay):

@@ -85,6 +85,14 @@ def cmd_submit(args: argparse.Namespace) -> int:
     return print_stream(client.stream(rid, timeout=args.timeout))
 
 
+def cmd_serve(args: argparse.Namespace) -> int:
+    """The OpenAI-compatible HTTP gateway (needs the `serve` extra)."""
+    from producer.gateway.app import serve
+    from producer.gateway.config import config_from_args as gateway_config
+
+    return serve(gateway_config(args))
+
+
 def cmd_bulk(args: argparse.Namespace) -> int:
     """OpenAI Batch JSONL in, batch output JSONL out; resumable; or one RQ job with --rq."""
     from producer.bulk import enqueue_rq, run_bulk
@@ -145,6 +153,13 @@ def main(argv: list[str] | None = None) -> int:
     submit.add_argument("--timeout", type=float, default=None)
     sampling_args(submit, max_tokens=64)
     submit.set_defaults(func=cmd_submit)
+
+    from producer.gateway.config import add_serve_flags
+
+    serve = sub.add_parser("serve", help="OpenAI-compatible HTTP gateway (streaming, Batch/Files API) "
+                                         "in front of the Redis queue")
+    add_serve_flags(serve)
+    serve.set_defaults(func=cmd_serve)
 
     bulk = sub.add_parser("bulk", help="OpenAI Batch JSONL -> output JSONL (resumable), locally or via Redis")
     bulk.add_argument("input")

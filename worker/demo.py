@@ -32,6 +32,8 @@ def run_demo(model: str, max_tokens: int, redis_url: str | None = None) -> int:
         worker.stop()
         thread.join(timeout=30)
         print(summary)
+        print("HTTP: `pravaha worker` and `pravaha serve --redis-url URL`, then the openai SDK at "
+              "http://127.0.0.1:8000/v1 (README: HTTP gateway)")
         return 0
     finally:
         if embedded:

@@ -25,6 +25,7 @@ from .settings import WorkerConfig
 
 log = logging.getLogger("pravaha.worker")
 REDIS_DOWN = (redis.ConnectionError, redis.TimeoutError, redis.BusyLoadingError)
+MODEL_TTL_S = 30   # several housekeeping periods: a live worker's model never drops out
 
 
 @dataclass
@@ -146,6 +147,7 @@ class Worker:
             self._cancels = self.redis.pubsub(ignore_subscribe_messages=True)
         self._cancels.subscribe(self.names.cancel_channel)
         self._check_cancel_keys()   # cancels published while we could not listen
+        self._announce_model()
         self.ready = True
         log.info("worker %s serving %s (group %s)", self.config.consumer, self.names.stream, self.names.group)
 
@@ -186,6 +188,7 @@ class Worker:
         if now < self._next_housekeeping:
             return
         self._next_housekeeping = now + min(5.0, self.config.reclaim_idle_s / 3)
+        self._announce_model()
         if self.inflight:   # reset idle time so no one reclaims work we are still doing
             self._drop_lost_requests()
         if self.inflight:
@@ -203,6 +206,14 @@ class Worker:
             if _id(info["name"]) == self.names.group:
                 self.metrics.lag.set(info.get("lag") or 0)
                 self.metrics.pending.set(info.get("pending") or 0)
+
+    def _announce_model(self) -> None:
+        """List our model for the gateways' GET /v1/models until MODEL_TTL_S after our last refresh."""
+        now = time.time()
+        pipe = self.redis.pipeline(transaction=False)
+        pipe.zadd(self.names.models, {self.config.model: now + MODEL_TTL_S})
+        pipe.zremrangebyscore(self.names.models, "-inf", now)
+        pipe.execute()
 
     def _drop_lost_requests(self) -> None:
         """Requests whose lease another worker now holds (we stalled past it) are theirs:
@@ -329,7 +340,7 @@ class Worker:
                 continue   # a write that was retried
             req.next_index[event.sample] = event.index + 1
             done = req.completion(event.sample)
-            _extend(done, event.token_ids, event.text, event.logprobs)
+            _extend(done, event.token_ids, event.text, event.logprobs, event.logprob_texts)
             if event.finished:
                 done.finish_reason, done.error = event.finish_reason, event.error
 
@@ -364,9 +375,10 @@ class Worker:
         event = TokenEvent(request_id=req.request_id, sample=sample, num_samples=req.num_samples,
                            index=req.next_index.get(sample, 0), offset=len(done.token_ids),
                            token_ids=list(token_ids), text=text, finished=finish_reason is not None,
-                           finish_reason=finish_reason, error=error, logprobs=logprobs)
+                           finish_reason=finish_reason, error=error, logprobs=logprobs,
+                           logprob_texts=self._token_texts(logprobs))
         req.next_index[sample] = event.index + 1
-        _extend(done, token_ids, text, logprobs)
+        _extend(done, token_ids, text, logprobs, event.logprob_texts)
         if token_ids:
             self.metrics.generated_tokens.inc(len(token_ids))
             if req.first_token_at is None:
@@ -383,6 +395,13 @@ class Worker:
         self.outbox.append((rid, lambda p: (p.publish(self.names.channel(rid), data),
                                             p.xadd(self.names.events(rid), {"event": data}),
                                             expire and p.expire(self.names.events(rid), self.config.result_ttl_s))))
+
+    def _token_texts(self, logprobs) -> dict[int, str] | None:
+        """The text of every token id in these logprobs (the gateway has no tokenizer)."""
+        if logprobs is None:
+            return None
+        decode_one = self.engine.tokenizer.decode
+        return {t: decode_one([t], skip_special_tokens=False) for entry in logprobs for t in entry}
 
     def _complete(self, req: Inflight) -> None:
         """Store the result, then ack; an engine-side error (e.g. too long) also dead-letters."""
@@ -467,11 +486,13 @@ class Worker:
             log.error("exiting with %d unwritten writes: %s", len(self.outbox), exc)
 
 
-def _extend(done: Completion, token_ids: list[int], text: str, logprobs) -> None:
+def _extend(done: Completion, token_ids: list[int], text: str, logprobs, texts=None) -> None:
     done.token_ids += token_ids
     done.text += text
     if logprobs is not None:
         done.logprobs = (done.logprobs or []) + logprobs
+    if texts:
+        done.logprob_texts = {**(done.logprob_texts or {}), **texts}
 
 
 def _id(entry_id) -> str:
