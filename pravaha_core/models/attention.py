@@ -66,10 +66,12 @@ def build_mask(q_pos: torch.Tensor, num_keys: int, window: int | None, group: in
 
 def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                     k_cache: torch.Tensor, v_cache: torch.Tensor,
-                    meta: AttentionMetadata, scale: float, window: int | None) -> torch.Tensor:
-    """q: [T, H, D], k/v: [T, KVH, D], caches: [num_blocks, block_size, KVH, D] -> [T, H, D]."""
+                    meta: AttentionMetadata, scale: float, window: int | None,
+                    softcap: float | None = None) -> torch.Tensor:
+    """q: [T, H, D], k/v: [T, KVH, D], caches: [num_blocks, block_size, KVH, D] -> [T, H, D].
+    `softcap`: scores become softcap * tanh(scores / softcap) (Gemma 2), in torch only."""
     num_kv_heads, head_dim = k_cache.shape[2], k_cache.shape[3]
-    if (meta.kernel is not None and meta.prefill is None and meta.decode is not None
+    if (meta.kernel is not None and softcap is None and meta.prefill is None and meta.decode is not None
             and q.dtype == torch.float32 and k_cache.dtype in NATIVE_CACHE_DTYPES):
         # Every row attends through the kernel (decode, or prompt rows where the kernel's tile
         # path serves prefill): one native call writes the step's K/V (rounded to a narrower
@@ -84,7 +86,12 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     nd = meta.num_decode_tokens
     if meta.decode is not None:
         grp = meta.decode
-        if meta.kernel is not None:
+        if softcap is not None:       # each row is one query at position context_len - 1
+            mask = build_mask(grp.context_lens[:, None] - 1, grp.block_tables.shape[1] * k_cache.shape[1],
+                              window, q.shape[1] // num_kv_heads)
+            out[:nd] = _attend(q[:nd].unsqueeze(1), *_gather(k_cache, v_cache, grp), mask, scale,
+                               softcap).squeeze(1)
+        elif meta.kernel is not None:
             out[:nd] = meta.kernel.paged_decode_attention(
                 q[:nd].float(), k_cache, v_cache, grp.block_tables, grp.context_lens, scale,
                 window or -1).to(q.dtype)
@@ -97,18 +104,18 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
         for row, ((first, rows, start), mask) in enumerate(zip(grp.spans, grp.masks[window])):
             span = slice(nd + first, nd + first + rows)
             if mask is None:              # starts its sequence, full attention: plain causal
-                out[span] = _attend_causal(q[span], k[span], v[span], scale)
+                out[span] = _attend_causal(q[span], k[span], v[span], scale, softcap)
                 continue
             ctx = start + rows
             blocks = grp.block_tables[row, :-(-ctx // block_size)]
             keys = k_cache.index_select(0, blocks).view(1, -1, num_kv_heads, head_dim)[:, :ctx]
             values = v_cache.index_select(0, blocks).view(1, -1, num_kv_heads, head_dim)[:, :ctx]
-            out[span] = _attend(q[span].unsqueeze(0), keys, values, mask, scale).squeeze(0)
+            out[span] = _attend(q[span].unsqueeze(0), keys, values, mask, scale, softcap).squeeze(0)
     elif meta.prefill is not None:
         grp = meta.prefill
         keys, values = ((k[nd:][grp.q_index], v[nd:][grp.q_index]) if grp.direct
                         else _gather(k_cache, v_cache, grp))
-        padded = _attend(q[nd:][grp.q_index], keys, values, grp.masks[window], scale)
+        padded = _attend(q[nd:][grp.q_index], keys, values, grp.masks[window], scale, softcap)
         out[nd:] = padded[grp.q_valid] if grp.q_valid is not None else padded.flatten(0, 1)
     return out
 
@@ -121,9 +128,13 @@ def _gather(k_cache: torch.Tensor, v_cache: torch.Tensor, grp: AttentionGroup):
     return k_cache.index_select(0, flat).view(shape), v_cache.index_select(0, flat).view(shape)
 
 
-def _attend_causal(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
+def _attend_causal(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
+                   softcap: float | None = None) -> torch.Tensor:
     """One sequence's own tokens: q [L, H, D], k/v [L, KVH, D] -> [L, H, D]. K/V heads are
     repeated for GQA so that flash attention can skip the blocks above the diagonal."""
+    if softcap is not None:
+        mask = build_mask(torch.arange(q.shape[0], device=q.device)[None], q.shape[0], None, q.shape[1] // k.shape[1])
+        return _attend(q[None], k[None], v[None], mask, scale, softcap)[0]
     group = q.shape[1] // k.shape[1]
     k, v = (k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)) if group > 1 else (k, v)
     # 4-D: torch's CPU flash kernel takes [B, H, L, D] only (3-D falls back to the math path, 3x slower)
@@ -133,7 +144,7 @@ def _attend_causal(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: flo
 
 
 def _attend(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor,
-            scale: float) -> torch.Tensor:
+            scale: float, softcap: float | None = None) -> torch.Tensor:
     """q: [B, Q, H, D], keys/values: [B, L, KVH, D] -> [B, Q, H, D]."""
     b, nq, num_heads, head_dim = q.shape
     num_kv_heads = keys.shape[2]
@@ -142,7 +153,18 @@ def _attend(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: tor
     # Heads h = kv * group + g share KV head kv: fold the group into the query axis.
     q = q.view(b, nq, num_kv_heads, group, head_dim).permute(0, 2, 3, 1, 4)
     q = q.reshape(b, num_kv_heads, group * nq, head_dim)
-    out = F.scaled_dot_product_attention(q, keys.transpose(1, 2), values.transpose(1, 2),
-                                         attn_mask=mask, scale=scale)
+    if softcap is None:
+        out = F.scaled_dot_product_attention(q, keys.transpose(1, 2), values.transpose(1, 2),
+                                             attn_mask=mask, scale=scale)
+    else:
+        out = _softcapped(q, keys.transpose(1, 2), values.transpose(1, 2), mask, scale, softcap)
     out = out.view(b, num_kv_heads, group, nq, head_dim).permute(0, 3, 1, 2, 4)
     return out.reshape(b, nq, num_heads, head_dim)
+
+
+def _softcapped(q, k, v, mask, scale: float, softcap: float) -> torch.Tensor:
+    """Attention as HF's eager Gemma 2: q [B, KVH, Q, D], k/v [B, KVH, K, D], mask [B, 1, Q, K]."""
+    scores = (q @ k.transpose(-1, -2)) * scale
+    scores = softcap * torch.tanh(scores / softcap)
+    probs = scores.masked_fill(~mask, float("-inf")).softmax(-1, dtype=torch.float32).to(q.dtype)
+    return probs @ v

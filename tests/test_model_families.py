@@ -1,0 +1,91 @@
+"""The newer families (Qwen3, Phi-3, Mixtral, Qwen3-MoE, Gemma 2 and 3): greedy output token-identical
+to HF generate on tiny random checkpoints, plain, with chunked prefill, under preemption and with
+prefix-cache hits."""
+
+import json
+import os
+
+import pytest
+
+from pravaha_core import Engine, SamplingParams
+from tests.checkpoints import HF_CLASSES, hf_greedy
+from tests.test_engine_hf import MAX_TOKENS, PROMPTS, assert_matches_hf, run_engine
+
+FAMILIES = ["qwen3", "phi3"]
+
+
+@pytest.mark.parametrize("native_kernels", [True, False], ids=["kernel", "torch"])
+@pytest.mark.parametrize("family", FAMILIES)
+def test_greedy_matches_hf(checkpoint, family, native_kernels):
+    path = checkpoint(family)
+    engine, prompt_ids, outs, plans = run_engine(path, kv_cache_bytes=1 << 22, native_kernels=native_kernels)
+    with open(os.path.join(path, "config.json")) as f:
+        assert type(engine.runner.model).__name__ == json.load(f)["architectures"][0]
+    assert_matches_hf(engine, path, prompt_ids, outs)
+    assert max(len(p) for p in plans) == len(PROMPTS), "all prompts should share one batch"
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_greedy_matches_hf_with_chunked_prefill(checkpoint, family):
+    path = checkpoint(family)
+    engine, prompt_ids, outs, plans = run_engine(path, kv_cache_bytes=1 << 22, max_num_batched_tokens=7)
+    assert any(start > 0 and n > 1 for plan in plans for start, n in plan), "no prefill was chunked"
+    assert_matches_hf(engine, path, prompt_ids, outs)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_greedy_matches_hf_under_preemption(checkpoint, family):
+    path = checkpoint(family)
+    probe = Engine(path, kv_cache_bytes=1 << 20, block_size=4)
+    longest = max(len(probe.tokenizer.encode(p)) for p in PROMPTS) + MAX_TOKENS
+    num_blocks = -(-longest // 4) + 2            # the longest request alone, far from all eight
+    engine, prompt_ids, outs, _ = run_engine(path, block_size=4, kv_cache_bytes=num_blocks * probe.bytes_per_block)
+    assert engine.stats.num_preemptions > 0
+    assert_matches_hf(engine, path, prompt_ids, outs)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_prefix_cache_hits_match_hf(checkpoint, family):
+    path = checkpoint(family)
+    engine = Engine(path, kv_cache_bytes=1 << 22, block_size=4)
+    shared = engine.tokenizer.encode("Paged attention stores keys and values in fixed-size blocks. " * 2)
+    prompts = [shared + engine.tokenizer.encode(tail) for tail in ("The quick brown fox", "0", "def")]
+    params = SamplingParams(max_tokens=MAX_TOKENS, temperature=0.0)
+    engine.generate(prompts[:1], params)
+    hits = engine.stats.num_cached_prompt_tokens
+    outs = engine.generate(prompts, params)
+    assert engine.stats.num_cached_prompt_tokens - hits >= 3 * (len(shared) // 4 * 4)
+    for ids, out in zip(prompts, outs):
+        assert out.token_ids == hf_greedy(path, ids, MAX_TOKENS)
+
+
+ROPES = {
+    "longrope": dict(rope_type="longrope", rope_theta=10000.0, partial_rotary_factor=0.5, factor=4.0,
+                     short_factor=[1.0, 1.1, 1.3, 1.7], long_factor=[1.0, 2.0, 4.0, 9.0],
+                     original_max_position_embeddings=64),
+    "yarn": dict(rope_type="yarn", rope_theta=10000.0, factor=4.0, original_max_position_embeddings=64),
+    "yarn-mscale": dict(rope_type="yarn", rope_theta=500000.0, factor=8.0, original_max_position_embeddings=32,
+                        beta_fast=16.0, beta_slow=2.0, mscale=0.9, mscale_all_dim=0.7, truncate=False),
+    "dynamic": dict(rope_type="dynamic", rope_theta=10000.0, factor=2.0),
+}
+
+
+@pytest.mark.parametrize("kind", ROPES)
+def test_rope_tables_match_hf(kind):
+    """cos/sin as HF's rotary embedding computes them, short and long (longrope) positions alike."""
+    import torch
+    import transformers
+
+    from pravaha_core.models.layers import RotaryEmbedding
+    from pravaha_core.models.llama import rope_config
+
+    family = "phi3" if kind == "longrope" else "llama"
+    cfg_cls, model_cls = (getattr(transformers, n) for n in HF_CLASSES[family])
+    cfg = cfg_cls(hidden_size=64, num_attention_heads=4, max_position_embeddings=256, rope_parameters=dict(ROPES[kind]))
+    hf = model_cls(cfg.__class__(**dict(cfg.to_dict(), num_hidden_layers=0))).model.rotary_emb
+    ours = RotaryEmbedding(16, 256, rope_config(cfg.to_dict()))
+    for length in (48, 200):        # within and past original_max_position_embeddings
+        cos, sin = hf(torch.zeros(1), torch.arange(length)[None])
+        rows = slice(64, length) if kind == "longrope" and length > 64 else slice(0, length)
+        torch.testing.assert_close(ours.cos[rows], cos[0, rows], rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(ours.sin[rows], sin[0, rows], rtol=1e-5, atol=1e-6)
