@@ -11,7 +11,7 @@ from pravaha_core import Engine, SamplingParams
 from tests.checkpoints import HF_CLASSES, hf_greedy
 from tests.test_engine_hf import MAX_TOKENS, PROMPTS, assert_matches_hf, run_engine
 
-FAMILIES = ["qwen3", "phi3"]
+FAMILIES = ["qwen3", "phi3", "mixtral", "qwen3_moe"]
 
 
 @pytest.mark.parametrize("native_kernels", [True, False], ids=["kernel", "torch"])

@@ -6,6 +6,7 @@ from torch import nn
 
 from .gpt2 import GPT2LMHeadModel
 from .llama import LlamaForCausalLM
+from .moe import MixtralForCausalLM, Qwen3MoeForCausalLM
 from .phi3 import Phi3ForCausalLM
 from .qwen3 import Qwen3ForCausalLM
 
@@ -15,11 +16,13 @@ ARCHITECTURES: dict[str, type[nn.Module]] = {
     "Qwen2ForCausalLM": LlamaForCausalLM,
     "Qwen3ForCausalLM": Qwen3ForCausalLM,
     "Phi3ForCausalLM": Phi3ForCausalLM,
+    "MixtralForCausalLM": MixtralForCausalLM,
+    "Qwen3MoeForCausalLM": Qwen3MoeForCausalLM,
     "GPT2LMHeadModel": GPT2LMHeadModel,
 }
 MODEL_TYPES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM",
                "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM", "phi3": "Phi3ForCausalLM",
-               "gpt2": "GPT2LMHeadModel"}
+               "mixtral": "MixtralForCausalLM", "qwen3_moe": "Qwen3MoeForCausalLM", "gpt2": "GPT2LMHeadModel"}
 
 
 def model_class(hf_config: dict) -> type[nn.Module]:

@@ -184,17 +184,19 @@ class LlamaForCausalLM(nn.Module):
         return self.lm_head(hidden)
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
-        def rename(name: str) -> str | None:
-            if "rotary_emb.inv_freq" in name:
-                return None
-            if name == "lm_head.weight" and self.tie_word_embeddings:
-                return None
-            return name.removeprefix("model.")
+        load_named_weights(self, weights, self.checkpoint_name, self.stacked_params, self.shard_sizes)
 
-        def shard_sizes(name: str) -> list[int]:
-            attn = self.layers[0].self_attn
-            if "qkv_proj" in name:
-                return [attn.q_size, attn.kv_size, attn.kv_size]
-            return [self.layers[0].mlp.inter] * 2
+    def checkpoint_name(self, name: str) -> str | None:
+        """Our parameter name for an HF checkpoint tensor's (None: not loaded)."""
+        if "rotary_emb.inv_freq" in name:
+            return None
+        if name == "lm_head.weight" and self.tie_word_embeddings:
+            return None
+        return name.removeprefix("model.")
 
-        load_named_weights(self, weights, rename, self.stacked_params, shard_sizes)
+    def shard_sizes(self, name: str) -> list[int]:
+        """Dim-0 sizes of the pieces stacked into the fused parameter `name`."""
+        attn = self.layers[0].self_attn
+        if "qkv_proj" in name:
+            return [attn.q_size, attn.kv_size, attn.kv_size]
+        return [self.get_submodule(name.rpartition(".")[0]).out_features // 2] * 2    # gate_up_proj
