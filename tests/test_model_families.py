@@ -11,7 +11,7 @@ from pravaha_core import Engine, SamplingParams
 from tests.checkpoints import HF_CLASSES, hf_greedy
 from tests.test_engine_hf import MAX_TOKENS, PROMPTS, assert_matches_hf, run_engine
 
-FAMILIES = ["qwen3", "phi3", "mixtral", "qwen3_moe"]
+FAMILIES = ["qwen3", "phi3", "mixtral", "qwen3_moe", "gemma2", "gemma3"]
 
 
 @pytest.mark.parametrize("native_kernels", [True, False], ids=["kernel", "torch"])
@@ -23,6 +23,16 @@ def test_greedy_matches_hf(checkpoint, family, native_kernels):
         assert type(engine.runner.model).__name__ == json.load(f)["architectures"][0]
     assert_matches_hf(engine, path, prompt_ids, outs)
     assert max(len(p) for p in plans) == len(PROMPTS), "all prompts should share one batch"
+
+
+@pytest.mark.parametrize("family", ["gemma2", "gemma3"])
+def test_gemma_sliding_layers_see_past_the_window(checkpoint, family):
+    """The tiny Gemmas alternate 8-token sliding layers with global ones; most prompts are longer."""
+    path = checkpoint(family)
+    engine, prompt_ids, outs, _ = run_engine(path, kv_cache_bytes=1 << 22, block_size=4)
+    assert engine.runner.model.sliding_windows == [8, None]
+    assert sum(len(ids) + MAX_TOKENS > 2 * 8 for ids in prompt_ids) >= 6
+    assert_matches_hf(engine, path, prompt_ids, outs)
 
 
 @pytest.mark.parametrize("family", FAMILIES)
