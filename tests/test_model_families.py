@@ -8,31 +8,36 @@ import os
 import pytest
 
 from pravaha_core import Engine, SamplingParams
-from tests.checkpoints import HF_CLASSES, hf_greedy
+from pravaha_core.tokenizer import HFTokenizer
+from tests.checkpoints import HF_CLASSES
 from tests.test_engine_hf import MAX_TOKENS, PROMPTS, assert_matches_hf, run_engine
 
 FAMILIES = ["qwen3", "phi3", "mixtral", "qwen3_moe", "gemma2", "gemma3"]
 
 
+def kv_bytes_per_block(path: str, block_size: int) -> int:
+    """K and V of every layer for one block, float32, from config.json."""
+    with open(os.path.join(path, "config.json")) as f:
+        cfg = json.load(f)
+    head_dim = cfg.get("head_dim") or cfg["hidden_size"] // cfg["num_attention_heads"]
+    return 2 * cfg["num_hidden_layers"] * block_size * cfg["num_key_value_heads"] * head_dim * 4
+
+
 @pytest.mark.parametrize("native_kernels", [True, False], ids=["kernel", "torch"])
 @pytest.mark.parametrize("family", FAMILIES)
-def test_greedy_matches_hf(checkpoint, family, native_kernels):
+def test_greedy_matches_hf_with_prefix_hits(checkpoint, family, native_kernels):
+    """All eight prompts in one batch; then again, each finding its full blocks in the prefix cache."""
     path = checkpoint(family)
-    engine, prompt_ids, outs, plans = run_engine(path, kv_cache_bytes=1 << 22, native_kernels=native_kernels)
+    engine, prompt_ids, outs, plans = run_engine(path, kv_cache_bytes=1 << 22, block_size=4,
+                                                 native_kernels=native_kernels)
     with open(os.path.join(path, "config.json")) as f:
         assert type(engine.runner.model).__name__ == json.load(f)["architectures"][0]
     assert_matches_hf(engine, path, prompt_ids, outs)
     assert max(len(p) for p in plans) == len(PROMPTS), "all prompts should share one batch"
-
-
-@pytest.mark.parametrize("family", ["gemma2", "gemma3"])
-def test_gemma_sliding_layers_see_past_the_window(checkpoint, family):
-    """The tiny Gemmas alternate 8-token sliding layers with global ones; most prompts are longer."""
-    path = checkpoint(family)
-    engine, prompt_ids, outs, _ = run_engine(path, kv_cache_bytes=1 << 22, block_size=4)
-    assert engine.runner.model.sliding_windows == [8, None]
-    assert sum(len(ids) + MAX_TOKENS > 2 * 8 for ids in prompt_ids) >= 6
-    assert_matches_hf(engine, path, prompt_ids, outs)
+    hits = engine.stats.num_cached_prompt_tokens
+    again = engine.generate(prompt_ids, SamplingParams(max_tokens=MAX_TOKENS, temperature=0.0))
+    assert engine.stats.num_cached_prompt_tokens - hits == sum((len(p) - 1) // 4 * 4 for p in prompt_ids)
+    assert_matches_hf(engine, path, prompt_ids, again)
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -46,27 +51,43 @@ def test_greedy_matches_hf_with_chunked_prefill(checkpoint, family):
 @pytest.mark.parametrize("family", FAMILIES)
 def test_greedy_matches_hf_under_preemption(checkpoint, family):
     path = checkpoint(family)
-    probe = Engine(path, kv_cache_bytes=1 << 20, block_size=4)
-    longest = max(len(probe.tokenizer.encode(p)) for p in PROMPTS) + MAX_TOKENS
+    tokenizer = HFTokenizer(path, set())
+    longest = max(len(tokenizer.encode(p)) for p in PROMPTS) + MAX_TOKENS
     num_blocks = -(-longest // 4) + 2            # the longest request alone, far from all eight
-    engine, prompt_ids, outs, _ = run_engine(path, block_size=4, kv_cache_bytes=num_blocks * probe.bytes_per_block)
+    engine, prompt_ids, outs, _ = run_engine(path, block_size=4,
+                                             kv_cache_bytes=num_blocks * kv_bytes_per_block(path, 4))
+    assert engine.kv_cache_info()["num_blocks"] == num_blocks
     assert engine.stats.num_preemptions > 0
     assert_matches_hf(engine, path, prompt_ids, outs)
 
 
-@pytest.mark.parametrize("family", FAMILIES)
-def test_prefix_cache_hits_match_hf(checkpoint, family):
+@pytest.mark.parametrize("family", ["gemma2", "gemma3"])
+def test_gemma_sliding_layers_see_past_the_window(checkpoint, family):
+    """The tiny Gemmas alternate 8-token sliding layers with global ones; most prompts are longer."""
     path = checkpoint(family)
-    engine = Engine(path, kv_cache_bytes=1 << 22, block_size=4)
-    shared = engine.tokenizer.encode("Paged attention stores keys and values in fixed-size blocks. " * 2)
-    prompts = [shared + engine.tokenizer.encode(tail) for tail in ("The quick brown fox", "0", "def")]
-    params = SamplingParams(max_tokens=MAX_TOKENS, temperature=0.0)
-    engine.generate(prompts[:1], params)
-    hits = engine.stats.num_cached_prompt_tokens
-    outs = engine.generate(prompts, params)
-    assert engine.stats.num_cached_prompt_tokens - hits >= 3 * (len(shared) // 4 * 4)
-    for ids, out in zip(prompts, outs):
-        assert out.token_ids == hf_greedy(path, ids, MAX_TOKENS)
+    engine, prompt_ids, outs, _ = run_engine(path, kv_cache_bytes=1 << 22, block_size=4)
+    assert engine.runner.model.sliding_windows == [8, None]
+    assert sum(len(ids) + MAX_TOKENS > 2 * 8 for ids in prompt_ids) >= 6
+    assert_matches_hf(engine, path, prompt_ids, outs)
+
+
+def test_gemma2_logprobs_equal_hf_with_final_soft_cap(checkpoint):
+    """Greedy output cannot see the final logit soft cap (tanh keeps the order); logprobs do."""
+    import torch
+
+    from tests.checkpoints import _hf_model
+
+    path = checkpoint("gemma2")
+    engine = Engine(path, kv_cache_bytes=1 << 22)
+    ids = engine.tokenizer.encode(PROMPTS[5])
+    out = engine.generate([ids], SamplingParams(max_tokens=3, temperature=0.0, logprobs=3))[0]
+    model = _hf_model(path)
+    for step, (token, entry) in enumerate(zip(out.token_ids, out.logprobs)):
+        with torch.no_grad():
+            ref = model(torch.tensor([ids + out.token_ids[:step]])).logits[0, -1].log_softmax(-1)
+        assert ref.exp().max() < 0.2, "the cap (2.0) should flatten the distribution"
+        for tok, lp in entry.items():
+            assert abs(lp - ref[tok].item()) < 1e-4
 
 
 ROPES = {
