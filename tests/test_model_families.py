@@ -4,12 +4,14 @@ prefix-cache hits."""
 
 import json
 import os
+import re
+import shutil
 
 import pytest
 
 from pravaha_core import Engine, SamplingParams
 from pravaha_core.tokenizer import HFTokenizer
-from tests.checkpoints import HF_CLASSES
+from tests.checkpoints import HF_CLASSES, hf_greedy
 from tests.test_engine_hf import MAX_TOKENS, PROMPTS, assert_matches_hf, run_engine
 
 FAMILIES = ["qwen3", "phi3", "mixtral", "qwen3_moe", "gemma2", "gemma3"]
@@ -120,3 +122,67 @@ def test_rope_tables_match_hf(kind):
         rows = slice(64, length) if kind == "longrope" and length > 64 else slice(0, length)
         torch.testing.assert_close(ours.cos[rows], cos[0, rows], rtol=1e-5, atol=1e-6)
         torch.testing.assert_close(ours.sin[rows], sin[0, rows], rtol=1e-5, atol=1e-6)
+
+
+LINEAR = re.compile(r"\.(self_attn|mlp|block_sparse_moe)\..*(_proj|w1|w2|w3)\.weight$")     # all but router, head
+
+
+def write_gptq_experts(source: str, out: str, reference: str) -> None:
+    """`out`: `source` with every decoder linear (the experts' too, not the router) as 8-bit GPTQ
+    (groups of 16); `reference`: `source`
+    with those weights replaced by their dequantized values, for HF."""
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    from pravaha_core.quantization import QuantSpec, decode_gptq, pack_gptq, rtn
+
+    tensors = load_file(os.path.join(source, "model.safetensors"))
+    quantized, dequantized = {}, dict(tensors)
+    for name, weight in tensors.items():
+        if not LINEAR.search(name):
+            quantized[name] = weight
+            continue
+        packed = pack_gptq(*rtn(weight, 8, 16, sym=False), bits=8)
+        codes, zeros, scales, g_idx = decode_gptq(*packed.values(), QuantSpec("gptq", bits=8, group_size=16,
+                                                                              zero_offset=1))
+        dequantized[name] = (codes.float() - zeros[:, g_idx]) * scales[:, g_idx]
+        assert not torch.equal(dequantized[name], weight), "premise: quantization changed the weight"
+        quantized.update({f"{name.removesuffix('.weight')}.{k}": v for k, v in packed.items()})
+    for path, weights in ((out, quantized), (reference, dequantized)):
+        shutil.copytree(source, path)
+        save_file(weights, os.path.join(path, "model.safetensors"), metadata={"format": "pt"})
+    with open(os.path.join(source, "config.json")) as f:
+        cfg = json.load(f)
+    cfg["quantization_config"] = {"quant_method": "gptq", "bits": 8, "group_size": 16, "desc_act": False,
+                                  "sym": False, "checkpoint_format": "gptq"}
+    with open(os.path.join(out, "config.json"), "w") as f:
+        json.dump(cfg, f)
+
+
+@pytest.mark.parametrize("family", ["mixtral", "qwen3_moe"])
+def test_gptq_experts_match_hf_on_dequantized_weights(checkpoint, family, tmp_path):
+    """GPTQ experts (8-bit: the exact dequant path), router in float: greedy token-identical to HF
+    on the dequantized weights; a quantized router is refused."""
+    import torch
+
+    from pravaha_core.quantization import QuantLinear, pack_gptq, rtn
+
+    out, reference = str(tmp_path / "gptq"), str(tmp_path / "reference")
+    write_gptq_experts(checkpoint(family), out, reference)
+    engine = Engine(out, kv_cache_bytes=1 << 22, block_size=4)
+    experts = [n for n, m in engine.runner.model.named_modules() if isinstance(m, QuantLinear) and "experts" in n]
+    assert len(experts) == 2 * 4 * (2 if family == "mixtral" else 1)    # gate_up, down; 4 experts per MoE layer
+    assert type(engine.runner.model.layers[0].mlp.gate.weight) is torch.nn.Parameter
+    prompt_ids = [engine.tokenizer.encode(p) for p in PROMPTS]
+    outs = engine.generate(prompt_ids, SamplingParams(max_tokens=MAX_TOKENS, temperature=0.0))
+    for ids, got in zip(prompt_ids, outs):
+        assert got.token_ids == hf_greedy(reference, ids, MAX_TOKENS)
+    from safetensors.torch import load_file, save_file
+
+    weights = load_file(os.path.join(out, "model.safetensors"))
+    router = next(n for n in weights if n.endswith(".gate.weight"))
+    packed = pack_gptq(*rtn(weights.pop(router), 8, 16, sym=False), bits=8)
+    weights.update({router.replace(".weight", f".{k}"): v for k, v in packed.items()})
+    save_file(weights, os.path.join(out, "model.safetensors"))
+    with pytest.raises(ValueError, match="quantized MoE router is not supported"):
+        Engine(out, kv_cache_bytes=1 << 22)

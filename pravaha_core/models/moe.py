@@ -82,6 +82,12 @@ class Qwen3MoeDecoderLayer(LlamaDecoderLayer):
         return SparseMoE(cfg, cfg["moe_intermediate_size"], renormalize=bool(cfg.get("norm_topk_prob", False)))
 
 
+def refuse_quantized_router(name: str) -> None:
+    if name.endswith((".gate.qweight", ".gate.codes")):
+        raise ValueError(f"checkpoint tensor {name!r}: a quantized MoE router is not supported (the experts may "
+                         "be quantized; keep the router, mlp.gate, in float, e.g. in modules_to_not_convert)")
+
+
 class MixtralForCausalLM(LlamaForCausalLM):
     """Serves model_type mixtral. Checkpoint experts: block_sparse_moe.experts.E.w1 (gate),
     w3 (up), w2 (down)."""
@@ -90,6 +96,7 @@ class MixtralForCausalLM(LlamaForCausalLM):
     stacked_params = LlamaForCausalLM.stacked_params + [("gate_up_proj", "w1", 0), ("gate_up_proj", "w3", 1)]
 
     def checkpoint_name(self, name: str) -> str | None:
+        refuse_quantized_router(name)
         name = super().checkpoint_name(name)
         return None if name is None else name.replace(".block_sparse_moe.", ".mlp.").replace(".w2.", ".down_proj.")
 
@@ -98,3 +105,7 @@ class Qwen3MoeForCausalLM(LlamaForCausalLM):
     """Serves model_type qwen3_moe (experts named like Llama's MLP: mlp.experts.E.gate_proj ...)."""
 
     layer_cls = Qwen3MoeDecoderLayer
+
+    def checkpoint_name(self, name: str) -> str | None:
+        refuse_quantized_router(name)
+        return super().checkpoint_name(name)
