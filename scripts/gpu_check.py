@@ -38,7 +38,7 @@ def check_greedy(device: str) -> dict:
     report = {}
     prompts = ["The quick brown fox", "Paged attention stores keys and values in fixed-size blocks. " * 3, "0",
                "def add(a, b):", "नमस्ते दुनिया", "Continuous batching keeps the accelerator busy", "x y z", "hello"]
-    for family in ("llama", "mistral", "qwen2", "gpt2"):
+    for family in ("llama", "mistral", "qwen2", "gpt2", "qwen3", "phi3", "mixtral", "qwen3_moe", "gemma2", "gemma3"):
         path = make_checkpoint(family, tempfile.mkdtemp())
         engine = Engine(path, device=device, kv_cache_bytes=1 << 24)
         ids = [engine.tokenizer.encode(p) for p in prompts]

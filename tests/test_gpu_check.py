@@ -16,7 +16,8 @@ def test_gpu_check_script_runs_small_on_the_cpu(tmp_path):
     result = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=300, env=env)
     assert result.returncode == 0, result.stderr[-3000:]
     report = json.loads((tmp_path / "gpu_check.json").read_text())
-    assert report["greedy"] == {f: {"identical": 8, "prompts": 8} for f in ("llama", "mistral", "qwen2", "gpt2")}
+    families = ("llama", "mistral", "qwen2", "gpt2", "qwen3", "phi3", "mixtral", "qwen3_moe", "gemma2", "gemma3")
+    assert report["greedy"] == {f: {"identical": 8, "prompts": 8} for f in families}
     w1 = report["w1_gpu"]
     assert w1["requests"] == 4 and w1["device"] == "cpu" and w1["pravaha_tok_s"] > 0 and w1["hf_generate_batch_tok_s"] > 0
     quant = report["quantization"]
