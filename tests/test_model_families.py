@@ -212,3 +212,13 @@ def test_int8_on_load_tracks_hf(checkpoint, family):
         for t, entry in enumerate(out.logprobs):
             worst = max(worst, *(abs(lp - float(ref[len(ids) - 1 + t, tok])) for tok, lp in entry.items()))
     assert worst < 0.1, f"largest logprob difference {worst:.4f}"
+
+
+def test_gemma2_soft_cap_where_prompts_attend_as_kernel_rows(checkpoint):
+    """head_dim 64, GQA group 2: where the kernel's tile path serves prefill, every token of a
+    step is a decode-style row; soft-capped layers attend those rows in torch."""
+    path = checkpoint("gemma2", head_dim=64, query_pre_attn_scalar=64)
+    engine, prompt_ids, outs, _ = run_engine(path, kv_cache_bytes=1 << 23)
+    kernel = engine.runner.kernel
+    assert engine.runner.kernel_prefill == (kernel is not None and bool(getattr(kernel, "tile64", False)))
+    assert_matches_hf(engine, path, prompt_ids, outs)

@@ -133,7 +133,8 @@ def _attend_causal(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: flo
     """One sequence's own tokens: q [L, H, D], k/v [L, KVH, D] -> [L, H, D]. K/V heads are
     repeated for GQA so that flash attention can skip the blocks above the diagonal."""
     if softcap is not None:
-        mask = build_mask(torch.arange(q.shape[0], device=q.device)[None], q.shape[0], None, q.shape[1] // k.shape[1])
+        positions = torch.arange(q.shape[0], device=q.device)[None]
+        mask = build_mask(positions, q.shape[0], None, q.shape[1] // k.shape[1])
         return _attend(q[None], k[None], v[None], mask, scale, softcap)[0]
     group = q.shape[1] // k.shape[1]
     k, v = (k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)) if group > 1 else (k, v)

@@ -81,7 +81,8 @@ class Gemma2DecoderLayer(LlamaDecoderLayer):
 
     def forward(self, x, residual, positions, meta, kv_cache):
         """x [T, hidden] -> (x after this layer, None): Gemma keeps no separate residual stream."""
-        x = x + self.post_attention_layernorm(self.self_attn(self.input_layernorm(x), positions, meta, kv_cache))
+        h = self.self_attn(self.input_layernorm(x), positions, meta, kv_cache)
+        x = x + self.post_attention_layernorm(h)
         return x + self.post_feedforward_layernorm(self.mlp(self.pre_feedforward_layernorm(x))), None
 
 

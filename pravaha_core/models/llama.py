@@ -113,7 +113,8 @@ class LlamaDecoderLayer(nn.Module):
     attention_cls: type[nn.Module] = LlamaAttention
     norm_cls: type[nn.Module] = RMSNorm
 
-    def __init__(self, cfg: dict, head_dim: int, rotary: RotaryEmbedding, window: int | None, layer_idx: int = 0):
+    def __init__(self, cfg: dict, head_dim: int, rotary: RotaryEmbedding, window: int | None,
+                 layer_idx: int = 0):
         super().__init__()
         eps = cfg.get("rms_norm_eps", 1e-6)
         self.input_layernorm = self.norm_cls(cfg["hidden_size"], eps)

@@ -84,8 +84,9 @@ class Qwen3MoeDecoderLayer(LlamaDecoderLayer):
 
 def refuse_quantized_router(name: str) -> None:
     if name.endswith((".gate.qweight", ".gate.codes")):
-        raise ValueError(f"checkpoint tensor {name!r}: a quantized MoE router is not supported (the experts may "
-                         "be quantized; keep the router, mlp.gate, in float, e.g. in modules_to_not_convert)")
+        raise ValueError(f"checkpoint tensor {name!r}: a quantized MoE router is not supported (the "
+                         "experts may be quantized; keep the router, mlp.gate, in float, e.g. in "
+                         "modules_to_not_convert)")
 
 
 class MixtralForCausalLM(LlamaForCausalLM):
@@ -98,7 +99,9 @@ class MixtralForCausalLM(LlamaForCausalLM):
     def checkpoint_name(self, name: str) -> str | None:
         refuse_quantized_router(name)
         name = super().checkpoint_name(name)
-        return None if name is None else name.replace(".block_sparse_moe.", ".mlp.").replace(".w2.", ".down_proj.")
+        if name is None:
+            return None
+        return name.replace(".block_sparse_moe.", ".mlp.").replace(".w2.", ".down_proj.")
 
 
 class Qwen3MoeForCausalLM(LlamaForCausalLM):
