@@ -114,7 +114,8 @@ def test_rope_tables_match_hf(kind):
 
     family = "phi3" if kind == "longrope" else "llama"
     cfg_cls, model_cls = (getattr(transformers, n) for n in HF_CLASSES[family])
-    cfg = cfg_cls(hidden_size=64, num_attention_heads=4, max_position_embeddings=256, rope_parameters=dict(ROPES[kind]))
+    cfg = cfg_cls(hidden_size=64, num_attention_heads=4, max_position_embeddings=256,
+                  rope_parameters=dict(ROPES[kind]))
     hf = model_cls(cfg.__class__(**dict(cfg.to_dict(), num_hidden_layers=0))).model.rotary_emb
     ours = RotaryEmbedding(16, 256, rope_config(cfg.to_dict()))
     for length in (48, 200):        # within and past original_max_position_embeddings
@@ -124,7 +125,8 @@ def test_rope_tables_match_hf(kind):
         torch.testing.assert_close(ours.sin[rows], sin[0, rows], rtol=1e-5, atol=1e-6)
 
 
-LINEAR = re.compile(r"\.(self_attn|mlp|block_sparse_moe)\..*(_proj|w1|w2|w3)\.weight$")     # all but router, head
+# Every decoder linear: attention, dense MLPs, experts; not the router (mlp.gate) nor the LM head.
+LINEAR = re.compile(r"\.(self_attn|mlp|block_sparse_moe)\..*(_proj|w1|w2|w3)\.weight$")
 
 
 def write_gptq_experts(source: str, out: str, reference: str) -> None:
@@ -170,9 +172,10 @@ def test_gptq_experts_match_hf_on_dequantized_weights(checkpoint, family, tmp_pa
     out, reference = str(tmp_path / "gptq"), str(tmp_path / "reference")
     write_gptq_experts(checkpoint(family), out, reference)
     engine = Engine(out, kv_cache_bytes=1 << 22, block_size=4)
-    experts = [n for n, m in engine.runner.model.named_modules() if isinstance(m, QuantLinear) and "experts" in n]
+    model = engine.runner.model
+    experts = [n for n, m in model.named_modules() if isinstance(m, QuantLinear) and "experts" in n]
     assert len(experts) == 2 * 4 * (2 if family == "mixtral" else 1)    # gate_up, down; 4 experts per MoE layer
-    assert type(engine.runner.model.layers[0].mlp.gate.weight) is torch.nn.Parameter
+    assert type(model.layers[0].mlp.gate.weight) is torch.nn.Parameter
     prompt_ids = [engine.tokenizer.encode(p) for p in PROMPTS]
     outs = engine.generate(prompt_ids, SamplingParams(max_tokens=MAX_TOKENS, temperature=0.0))
     for ids, got in zip(prompt_ids, outs):
@@ -222,3 +225,28 @@ def test_gemma2_soft_cap_where_prompts_attend_as_kernel_rows(checkpoint):
     kernel = engine.runner.kernel
     assert engine.runner.kernel_prefill == (kernel is not None and bool(getattr(kernel, "tile64", False)))
     assert_matches_hf(engine, path, prompt_ids, outs)
+
+
+def test_gemma3_config_without_layer_types_or_nested_rope():
+    """Gemma 3 configs written before transformers v5: sliding_window_pattern, rope_local_base_freq
+    and rope_scaling (for the global layers) give the layers and rope tables HF derives from them."""
+    import torch
+    import transformers
+
+    from pravaha_core.models.gemma import Gemma3ForCausalLM
+
+    legacy = dict(model_type="gemma3_text", vocab_size=100, hidden_size=64, intermediate_size=64, head_dim=16,
+                  num_hidden_layers=6, num_attention_heads=4, num_key_value_heads=2,
+                  max_position_embeddings=128,
+                  query_pre_attn_scalar=16, sliding_window=8, sliding_window_pattern=3, rope_theta=1e6,
+                  rope_local_base_freq=20000.0, rope_scaling={"rope_type": "linear", "factor": 8.0},
+                  hidden_activation="gelu_pytorch_tanh")
+    ours = Gemma3ForCausalLM(legacy, 128)
+    assert ours.sliding_windows == [8, 8, None, 8, 8, None]
+    hf_cfg = transformers.Gemma3TextConfig(**{k: v for k, v in legacy.items() if k != "model_type"})
+    hf = transformers.models.gemma3.modeling_gemma3.Gemma3RotaryEmbedding(hf_cfg)
+    for layer, kind in ((0, "sliding_attention"), (2, "full_attention")):
+        cos, sin = hf(torch.zeros(1), torch.arange(128)[None], kind)
+        rotary = ours.layers[layer].self_attn.rotary
+        torch.testing.assert_close(rotary.cos, cos[0], rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(rotary.sin, sin[0], rtol=1e-5, atol=1e-6)

@@ -95,6 +95,7 @@ class Gemma2ForCausalLM(LlamaForCausalLM):
 
     layer_cls = Gemma2DecoderLayer
     sliding_window_pattern = 2       # configs without layer_types: every 2nd layer global
+    local_rope_theta: float | None = None    # configs without rope_local_base_freq: the global rope
 
     def __init__(self, cfg: dict, max_len: int):
         cfg = dict(cfg, tie_word_embeddings=cfg.get("tie_word_embeddings", True))
@@ -116,7 +117,8 @@ class Gemma2ForCausalLM(LlamaForCausalLM):
                      for t in ("full_attention", "sliding_attention")}
         else:                                          # earlier: rope_local_base_freq for sliding layers
             ropes = {"full_attention": rope_config(cfg)}
-            theta = cfg.get("rope_local_base_freq", ropes["full_attention"]["rope_theta"])
+            theta = (cfg.get("rope_local_base_freq") or self.local_rope_theta
+                     or ropes["full_attention"]["rope_theta"])
             ropes["sliding_attention"] = rope_config(dict(cfg, rope_parameters={"rope_theta": theta}))
         tables = {t: RotaryEmbedding(self.head_dim, max_len, r) for t, r in ropes.items()}
         return [tables[t] for t in cfg["layer_types"]]
@@ -141,3 +143,4 @@ class Gemma3ForCausalLM(Gemma2ForCausalLM):
 
     layer_cls = Gemma3DecoderLayer
     sliding_window_pattern = 6
+    local_rope_theta = 10000.0
