@@ -32,13 +32,16 @@ def sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def check_greedy(device: str) -> dict:
+FAMILIES = ("llama", "mistral", "qwen2", "gpt2", "qwen3", "phi3", "mixtral", "qwen3_moe", "gemma2", "gemma3")
+
+
+def check_greedy(device: str, families=FAMILIES) -> dict:
     from transformers import AutoModelForCausalLM
 
     report = {}
     prompts = ["The quick brown fox", "Paged attention stores keys and values in fixed-size blocks. " * 3, "0",
                "def add(a, b):", "नमस्ते दुनिया", "Continuous batching keeps the accelerator busy", "x y z", "hello"]
-    for family in ("llama", "mistral", "qwen2", "gpt2", "qwen3", "phi3", "mixtral", "qwen3_moe", "gemma2", "gemma3"):
+    for family in families:
         path = make_checkpoint(family, tempfile.mkdtemp())
         engine = Engine(path, device=device, kv_cache_bytes=1 << 24)
         ids = [engine.tokenizer.encode(p) for p in prompts]
@@ -108,10 +111,11 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--requests", type=int, default=512, help="W1 requests (GPU size: 512)")
     parser.add_argument("--max-output", type=int, default=256, help="longest W1 output (W1: 256)")
     parser.add_argument("--quant-tokens", type=int, default=64, help="decode tokens per quantization run")
+    parser.add_argument("--families", default=",".join(FAMILIES), help="greedy check: comma-separated families")
     args = parser.parse_args(argv)
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         raise SystemExit("no CUDA device (use --device cpu for a dry run)")
-    out = {"greedy": check_greedy(args.device), "w1_gpu": bench_gpu(args.device, args.requests, args.max_output),
+    out = {"greedy": check_greedy(args.device, args.families.split(",")), "w1_gpu": bench_gpu(args.device, args.requests, args.max_output),
            "quantization": quant_gpu(args.device, args.quant_tokens)}
     target = os.environ.get("OUT", ".")
     with open(os.path.join(target, "gpu_check.json"), "w") as f:
