@@ -39,7 +39,7 @@ class ModelRunner:
         native = cpu.native if cpu is not None else None
         spec = AttentionSpec(m.num_heads, m.num_kv_heads, m.head_dim, self.block_size, self.device,
                              DTYPES[config.dtype], cache_dtype, frozenset(m.sliding_windows),
-                             getattr(m, "attention_softcap", None) is not None)
+                             any(getattr(layer, "softcap", None) is not None for layer in m.modules()))
         self.attention = select_backend(config.attention_backend, spec, native)
 
     @torch.inference_mode()

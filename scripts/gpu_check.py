@@ -37,13 +37,16 @@ def sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def check_greedy(device: str, backends: list[str]) -> dict:
+FAMILIES = ("llama", "mistral", "qwen2", "gpt2", "qwen3", "phi3", "mixtral", "qwen3_moe", "gemma2", "gemma3")
+
+
+def check_greedy(device: str, backends: list[str], families=FAMILIES) -> dict:
     from transformers import AutoModelForCausalLM
 
     report = {}
     prompts = ["The quick brown fox", "Paged attention stores keys and values in fixed-size blocks. " * 3, "0",
                "def add(a, b):", "नमस्ते दुनिया", "Continuous batching keeps the accelerator busy", "x y z", "hello"]
-    for family in ("llama", "mistral", "qwen2", "gpt2"):
+    for family in families:
         path = make_checkpoint(family, tempfile.mkdtemp())
         hf = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).to(device).eval()
         tokenizer = Engine(path, kv_cache_bytes=1 << 20, attention_backend="torch").tokenizer
@@ -171,11 +174,12 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--attention-context", type=int, default=1024, help="their mean context")
     parser.add_argument("--backends", default="torch,triton", help="attention backends to compare")
     parser.add_argument("--w1-backends", default=None, help="backends for W1 (default: --backends)")
+    parser.add_argument("--families", default=",".join(FAMILIES), help="greedy check: comma-separated families")
     args = parser.parse_args(argv)
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         raise SystemExit("no CUDA device (use --device cpu for a dry run)")
     backends = args.backends.split(",")
-    out = {"greedy": check_greedy(args.device, backends),
+    out = {"greedy": check_greedy(args.device, backends, args.families.split(",")),
            "attention": bench_attention(args.device, backends, args.attention_batch, args.attention_context),
            "w1_gpu": bench_gpu(args.device, (args.w1_backends or args.backends).split(","), args.requests,
                                args.max_output),

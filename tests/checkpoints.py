@@ -25,6 +25,35 @@ FAMILY_CONFIGS = {
                   num_key_value_heads=2, max_position_embeddings=512),
     "gpt2": dict(n_embd=64, n_layer=2, n_head=4, n_positions=512),
 }
+_SMALL = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+              num_key_value_heads=2, max_position_embeddings=512, initializer_range=0.1)
+# The newer families: weights drawn wider (std 0.1) and norm weights perturbed, so that a norm,
+# scale or soft cap we got wrong changes the greedy output.
+NEW_FAMILY_CONFIGS = {
+    "qwen3": dict(_SMALL, head_dim=32),
+    # Phi-4-mini's rope: partial, longrope (the long factors past 200 tokens: see test_model_families).
+    "phi3": dict(_SMALL, original_max_position_embeddings=200, rope_parameters=dict(
+        rope_type="longrope", rope_theta=10000.0, partial_rotary_factor=0.5,
+        short_factor=[1.0, 1.1, 1.3, 1.7], long_factor=[1.0, 2.0, 4.0, 9.0])),
+    "mixtral": dict(_SMALL, intermediate_size=96, num_local_experts=4, num_experts_per_tok=2),
+    "qwen3_moe": dict(_SMALL, head_dim=16, moe_intermediate_size=48, num_experts=4, num_experts_per_tok=2,
+                      norm_topk_prob=True, mlp_only_layers=[1]),
+    "gemma2": dict(_SMALL, head_dim=16, query_pre_attn_scalar=24, sliding_window=8,
+                   attn_logit_softcapping=1.0, final_logit_softcapping=2.0),
+    "gemma3": dict(_SMALL, head_dim=16, query_pre_attn_scalar=24, sliding_window=8,
+                   layer_types=["sliding_attention", "full_attention"],
+                   rope_parameters={"sliding_attention": dict(rope_type="default", rope_theta=10000.0),
+                                    "full_attention": dict(rope_type="linear", rope_theta=1e6, factor=8.0)}),
+}
+FAMILY_CONFIGS.update(NEW_FAMILY_CONFIGS)
+# family -> the transformers (config, model) class names
+HF_CLASSES = {
+    "llama": ("LlamaConfig", "LlamaForCausalLM"), "mistral": ("MistralConfig", "MistralForCausalLM"),
+    "qwen2": ("Qwen2Config", "Qwen2ForCausalLM"), "gpt2": ("GPT2Config", "GPT2LMHeadModel"),
+    "qwen3": ("Qwen3Config", "Qwen3ForCausalLM"), "phi3": ("Phi3Config", "Phi3ForCausalLM"),
+    "mixtral": ("MixtralConfig", "MixtralForCausalLM"), "qwen3_moe": ("Qwen3MoeConfig", "Qwen3MoeForCausalLM"),
+    "gemma2": ("Gemma2Config", "Gemma2ForCausalLM"), "gemma3": ("Gemma3TextConfig", "Gemma3ForCausalLM"),
+}
 
 
 def train_tokenizer(vocab_size: int = 400):
@@ -46,15 +75,17 @@ def make_checkpoint(family: str, path: str, seed: int = 0, **overrides) -> str:
     import transformers
 
     tokenizer = train_tokenizer()
-    cfg_cls = {"llama": transformers.LlamaConfig, "mistral": transformers.MistralConfig,
-               "qwen2": transformers.Qwen2Config, "gpt2": transformers.GPT2Config}[family]
-    model_cls = {"llama": transformers.LlamaForCausalLM, "mistral": transformers.MistralForCausalLM,
-                 "qwen2": transformers.Qwen2ForCausalLM, "gpt2": transformers.GPT2LMHeadModel}[family]
+    cfg_cls, model_cls = (getattr(transformers, name) for name in HF_CLASSES[family])
     eos = tokenizer.eos_token_id
     kwargs = dict(FAMILY_CONFIGS[family], vocab_size=len(tokenizer), eos_token_id=eos,
                   bos_token_id=eos, pad_token_id=tokenizer.pad_token_id, **overrides)
     torch.manual_seed(seed)
     model = model_cls(cfg_cls(**kwargs))
+    if family in NEW_FAMILY_CONFIGS:
+        with torch.no_grad():
+            for param in model.parameters():
+                if param.dim() == 1:
+                    param.add_(torch.randn_like(param) * 0.2)
     model.generation_config.eos_token_id = eos
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     os.makedirs(path, exist_ok=True)

@@ -35,21 +35,92 @@ class RMSNorm(nn.Module):
         return self.weight * x.to(dtype)
 
 
-SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
+SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3", "dynamic", "yarn", "longrope")
 
 
-def rope_inv_freq(head_dim: int, rope: dict) -> torch.Tensor:
-    """Inverse frequencies [D/2] for the supported rope types (HF's formulas)."""
+def rope_inv_freq(head_dim: int, rope: dict, max_len: int = 0) -> torch.Tensor:
+    """Inverse frequencies for the supported rope types (HF's formulas): [D/2], or [max_len, D/2]
+    where they depend on the position (longrope)."""
     theta = float(rope.get("rope_theta", 10000.0))
     inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim))
-    kind = rope.get("rope_type", rope.get("type", "default"))
+    kind = rope_type(rope)
     if kind == "default":
         return inv_freq
     if kind == "linear":
         return inv_freq / float(rope["factor"])
     if kind == "llama3":
         return _llama3_inv_freq(inv_freq, rope)
-    raise ValueError(f"rope_type {kind!r} is not supported (supported: {', '.join(SUPPORTED_ROPE_TYPES)})")
+    if kind == "dynamic":
+        # HF rescales the base only for sequences longer than max_position_embeddings, which
+        # max_model_len never exceeds: within it, dynamic NTK is the default rope.
+        return inv_freq
+    if kind == "yarn":
+        return _yarn_inv_freq(head_dim, theta, rope)
+    return _longrope_inv_freq(head_dim, theta, rope, max_len)
+
+
+def rope_type(rope: dict) -> str:
+    kind = rope.get("rope_type", rope.get("type", "default"))
+    kind = "longrope" if kind == "su" else kind         # Phi-3's first configs call longrope "su"
+    if kind not in SUPPORTED_ROPE_TYPES:
+        raise ValueError(f"rope_type {kind!r} is not supported (supported: {', '.join(SUPPORTED_ROPE_TYPES)})")
+    return kind
+
+
+def rope_attention_factor(rope: dict) -> float:
+    """The factor HF multiplies cos and sin by (yarn, longrope; 1 otherwise)."""
+    kind = rope_type(rope)
+    if kind not in ("yarn", "longrope") or rope.get("attention_factor") is not None:
+        return float(rope.get("attention_factor") or 1.0)
+    factor = _scaling_factor(rope)
+    if kind == "longrope":
+        old_len = rope["original_max_position_embeddings"]
+        return math.sqrt(1 + math.log(factor) / math.log(old_len)) if factor > 1 else 1.0
+    mscale, mscale_all_dim = rope.get("mscale"), rope.get("mscale_all_dim")
+    if mscale and mscale_all_dim:
+        return _yarn_mscale(factor, mscale) / _yarn_mscale(factor, mscale_all_dim)
+    return _yarn_mscale(factor)
+
+
+def _scaling_factor(rope: dict) -> float:
+    if rope.get("factor") is not None:
+        return float(rope["factor"])
+    return rope["max_position_embeddings"] / rope["original_max_position_embeddings"]
+
+
+def _yarn_mscale(factor: float, mscale: float = 1.0) -> float:
+    return 1.0 if factor <= 1 else 0.1 * mscale * math.log(factor) + 1.0
+
+
+def _yarn_inv_freq(dim: int, theta: float, rope: dict) -> torch.Tensor:
+    """YaRN: interpolated (divided by factor) below a ramp of dims, extrapolated above it."""
+    factor, old_len = _scaling_factor(rope), rope["original_max_position_embeddings"]
+
+    def correction_dim(rotations: float) -> float:
+        return dim * math.log(old_len / (rotations * 2 * math.pi)) / (2 * math.log(theta))
+
+    low, high = correction_dim(rope.get("beta_fast") or 32), correction_dim(rope.get("beta_slow") or 1)
+    if rope.get("truncate", True):
+        low, high = math.floor(low), math.ceil(high)
+    low, high = max(low, 0), min(high, dim - 1)
+    high = high + 0.001 if low == high else high                  # no zero-width ramp
+    ramp = ((torch.arange(dim // 2, dtype=torch.float32) - low) / (high - low)).clamp(0, 1)
+    pos_freqs = theta ** (torch.arange(0, dim, 2).float() / dim)
+    extrapolation = 1 - ramp
+    return (1.0 / (factor * pos_freqs)) * (1 - extrapolation) + (1.0 / pos_freqs) * extrapolation
+
+
+def _longrope_inv_freq(dim: int, theta: float, rope: dict, max_len: int) -> torch.Tensor:
+    """[max_len, D/2]: the short factors below original_max_position_embeddings, the long ones
+    from there on. HF rotates a whole sequence by the long factors once it is longer than that
+    (its generate recomputes the cache at the switch); here a token's rotation depends on its
+    position only, so cached blocks stay valid under prefix caching and recomputation. Greedy
+    output therefore matches HF while sequences stay within that length, and may differ past it."""
+    shape = torch.arange(0, dim, 2, dtype=torch.int64).float() / dim
+    short = 1.0 / (torch.tensor(rope["short_factor"], dtype=torch.float32) * theta ** shape)
+    long = 1.0 / (torch.tensor(rope["long_factor"], dtype=torch.float32) * theta ** shape)
+    use_long = torch.arange(max_len)[:, None] >= rope["original_max_position_embeddings"]
+    return torch.where(use_long, long, short)
 
 
 def _llama3_inv_freq(inv_freq: torch.Tensor, rope: dict) -> torch.Tensor:
@@ -66,18 +137,25 @@ def _llama3_inv_freq(inv_freq: torch.Tensor, rope: dict) -> torch.Tensor:
 
 
 class RotaryEmbedding(nn.Module):
-    """Precomputed cos/sin tables [max_len, D]; rotate-half layout like HF Llama."""
+    """Precomputed cos/sin tables [max_len, rotary_dim]; rotate-half layout like HF Llama. With
+    a `partial_rotary_factor` under 1, only the first rotary_dim dims of each head rotate."""
 
     def __init__(self, head_dim: int, max_len: int, rope: dict):
         super().__init__()
-        inv_freq = rope_inv_freq(head_dim, rope)
-        freqs = torch.outer(torch.arange(max_len, dtype=torch.float32), inv_freq)
+        self.rotary_dim = int(head_dim * float(rope.get("partial_rotary_factor") or 1.0))
+        inv_freq = rope_inv_freq(self.rotary_dim, rope, max_len)
+        freqs = torch.arange(max_len, dtype=torch.float32)[:, None] * inv_freq      # [max_len, D/2]
         emb = torch.cat((freqs, freqs), dim=-1)
-        self.register_buffer("cos", emb.cos(), persistent=False)
-        self.register_buffer("sin", emb.sin(), persistent=False)
+        scale = rope_attention_factor(rope)
+        self.register_buffer("cos", emb.cos() * scale, persistent=False)
+        self.register_buffer("sin", emb.sin() * scale, persistent=False)
 
     def forward(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor):
         """positions [T]; q [T, H, D]; k [T, KVH, D]."""
+        d = self.rotary_dim
+        if d < q.shape[-1]:
+            q_rot, k_rot = self(positions, q[..., :d], k[..., :d])
+            return torch.cat((q_rot, q[..., d:]), -1), torch.cat((k_rot, k[..., d:]), -1)
         cos = self.cos[positions].unsqueeze(1).to(q.dtype)
         sin = self.sin[positions].unsqueeze(1).to(q.dtype)
         return q * cos + _rotate_half(q) * sin, k * cos + _rotate_half(k) * sin

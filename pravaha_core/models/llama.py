@@ -20,6 +20,11 @@ def rope_config(cfg: dict) -> dict:
     """HF's rope settings across config versions (`rope_parameters` in v5, else `rope_scaling`)."""
     rope = dict(cfg.get("rope_parameters") or cfg.get("rope_scaling") or {})
     rope.setdefault("rope_theta", cfg.get("rope_theta", 10000.0))
+    rope.setdefault("partial_rotary_factor", cfg.get("partial_rotary_factor", 1.0))
+    rope.setdefault("max_position_embeddings", cfg.get("max_position_embeddings"))
+    if cfg.get("original_max_position_embeddings"):     # Phi-3 keeps it outside, and HF prefers it
+        rope["original_max_position_embeddings"] = cfg["original_max_position_embeddings"]
+    rope.setdefault("original_max_position_embeddings", cfg.get("max_position_embeddings"))
     return rope
 
 
@@ -27,7 +32,7 @@ def sliding_windows(cfg: dict, num_layers: int) -> list[int | None]:
     """Per-layer sliding window (None: full attention), following HF's rules per family."""
     window = cfg.get("sliding_window")
     layer_types = cfg.get("layer_types")
-    if cfg.get("model_type") == "qwen2":
+    if cfg.get("model_type") in ("qwen2", "qwen3", "qwen3_moe"):
         if not cfg.get("use_sliding_window") or window is None:
             return [None] * num_layers
         if layer_types is None:
@@ -78,8 +83,7 @@ class LlamaAttention(nn.Module):
 class LlamaMLP(nn.Module):
     def __init__(self, cfg: dict, native=None):
         super().__init__()
-        if cfg.get("hidden_act", "silu") != "silu":
-            raise ValueError(f"hidden_act {cfg.get('hidden_act')!r} is not supported (supported: silu)")
+        self.check_activation(cfg)
         hidden, inter = cfg["hidden_size"], cfg["intermediate_size"]
         bias = cfg.get("mlp_bias", False)
         self.inter = inter
@@ -88,6 +92,11 @@ class LlamaMLP(nn.Module):
         self.native = native            # the compiled CPU kernels (float32 fast path), or None
 
     glu_projection = "gate_up_proj"   # pack_linears may fuse silu(gate) * up into its GEMM
+
+    @staticmethod
+    def check_activation(cfg: dict) -> None:
+        if cfg.get("hidden_act", "silu") != "silu":
+            raise ValueError(f"hidden_act {cfg.get('hidden_act')!r} is not supported (supported: silu)")
 
     def forward(self, x):
         if getattr(self.gate_up_proj, "glu", False):
@@ -100,13 +109,20 @@ class LlamaMLP(nn.Module):
 
 
 class LlamaDecoderLayer(nn.Module):
-    def __init__(self, cfg: dict, head_dim: int, rotary: RotaryEmbedding, window: int | None, native=None):
+    attention_cls: type[nn.Module] = LlamaAttention
+    norm_cls: type[nn.Module] = RMSNorm
+
+    def __init__(self, cfg: dict, head_dim: int, rotary: RotaryEmbedding, window: int | None,
+                 layer_idx: int = 0, native=None):
         super().__init__()
         eps = cfg.get("rms_norm_eps", 1e-6)
-        self.input_layernorm = RMSNorm(cfg["hidden_size"], eps, native)
-        self.self_attn = LlamaAttention(cfg, head_dim, rotary, window, native)
-        self.post_attention_layernorm = RMSNorm(cfg["hidden_size"], eps, native)
-        self.mlp = LlamaMLP(cfg, native)
+        self.input_layernorm = self.norm_cls(cfg["hidden_size"], eps, native)
+        self.self_attn = self.attention_cls(cfg, head_dim, rotary, window, native)
+        self.post_attention_layernorm = self.norm_cls(cfg["hidden_size"], eps, native)
+        self.mlp = self.make_mlp(cfg, layer_idx, native)
+
+    def make_mlp(self, cfg: dict, layer_idx: int, native=None) -> nn.Module:
+        return LlamaMLP(cfg, native)
 
     def forward(self, x, residual, positions, meta, kv_cache):
         """x: the previous layer's output, residual: the stream before it (None at layer 0) ->
@@ -121,8 +137,11 @@ class LlamaDecoderLayer(nn.Module):
 
 
 class LlamaForCausalLM(nn.Module):
-    """Serves model_type llama, mistral and qwen2. `native`: the compiled CPU kernels module for
-    the float32 fast paths (norms, rotary, SiLU-multiply), or None."""
+    """Serves model_type llama, mistral and qwen2; the other Llama-like families subclass it.
+    `native`: fused ops for the layers (the compiled CPU kernels for float32, or the Triton ops
+    on CUDA), or None."""
+
+    layer_cls: type[nn.Module] = LlamaDecoderLayer
 
     # (our fused parameter, HF's piece, shard index)
     stacked_params = [("qkv_proj", "q_proj", 0), ("qkv_proj", "k_proj", 1), ("qkv_proj", "v_proj", 2),
@@ -137,13 +156,17 @@ class LlamaForCausalLM(nn.Module):
         self.vocab_size = cfg["vocab_size"]
         self.tie_word_embeddings = bool(cfg.get("tie_word_embeddings", False))
         self.sliding_windows = sliding_windows(cfg, self.num_layers)
-        rotary = RotaryEmbedding(self.head_dim, max_len, rope_config(cfg))
+        rotaries = self.make_rotaries(cfg, max_len)
         self.embed_tokens = nn.Embedding(self.vocab_size, cfg["hidden_size"])
-        self.layers = nn.ModuleList(LlamaDecoderLayer(cfg, self.head_dim, rotary, w, native)
-                                    for w in self.sliding_windows)
-        self.norm = RMSNorm(cfg["hidden_size"], cfg.get("rms_norm_eps", 1e-6), native)
+        self.layers = nn.ModuleList(self.layer_cls(cfg, self.head_dim, rotary, w, i, native)
+                                    for i, (rotary, w) in enumerate(zip(rotaries, self.sliding_windows)))
+        self.norm = self.layer_cls.norm_cls(cfg["hidden_size"], cfg.get("rms_norm_eps", 1e-6), native)
         self.lm_head = None if self.tie_word_embeddings else nn.Linear(cfg["hidden_size"], self.vocab_size,
                                                                        bias=False)
+
+    def make_rotaries(self, cfg: dict, max_len: int) -> list[RotaryEmbedding]:
+        """Each layer's rotary embedding (one shared by all here)."""
+        return [RotaryEmbedding(self.head_dim, max_len, rope_config(cfg))] * self.num_layers
 
     def forward(self, input_ids, positions, meta, kv_caches) -> torch.Tensor:
         """input_ids, positions: [T] -> hidden states [T, hidden]."""
@@ -163,17 +186,19 @@ class LlamaForCausalLM(nn.Module):
         return self.lm_head(hidden)
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
-        def rename(name: str) -> str | None:
-            if "rotary_emb.inv_freq" in name:
-                return None
-            if name == "lm_head.weight" and self.tie_word_embeddings:
-                return None
-            return name.removeprefix("model.")
+        load_named_weights(self, weights, self.checkpoint_name, self.stacked_params, self.shard_sizes)
 
-        def shard_sizes(name: str) -> list[int]:
-            attn = self.layers[0].self_attn
-            if "qkv_proj" in name:
-                return [attn.q_size, attn.kv_size, attn.kv_size]
-            return [self.layers[0].mlp.inter] * 2
+    def checkpoint_name(self, name: str) -> str | None:
+        """Our parameter name for an HF checkpoint tensor's (None: not loaded)."""
+        if "rotary_emb.inv_freq" in name:
+            return None
+        if name == "lm_head.weight" and self.tie_word_embeddings:
+            return None
+        return name.removeprefix("model.")
 
-        load_named_weights(self, weights, rename, self.stacked_params, shard_sizes)
+    def shard_sizes(self, name: str) -> list[int]:
+        """Dim-0 sizes of the pieces stacked into the fused parameter `name`."""
+        attn = self.layers[0].self_attn
+        if "qkv_proj" in name:
+            return [attn.q_size, attn.kv_size, attn.kv_size]
+        return [self.get_submodule(name.rpartition(".")[0]).out_features // 2] * 2    # gate_up_proj
