@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, fields
 
+from .fields import check_known, reject_unknown_keywords
+
 SUPPORTED_DTYPES = ("float32", "float16", "bfloat16")
 QUANTIZATION_METHODS = ("int8", "gptq", "awq")
 
@@ -13,20 +15,36 @@ QUANTIZATION_METHODS = ("int8", "gptq", "awq")
 DEFAULT_KV_CACHE_FRACTION = {"cuda": 0.90, "cpu": 0.20}
 
 
+@reject_unknown_keywords
 @dataclass
 class EngineConfig:
     """Everything the engine needs to know, checked in `__post_init__`.
 
-    model: local checkpoint directory, HF hub id, or `dummy:<preset>`.
-    load_format: "auto" (read weights) or "dummy" (random weights for the checkpoint's config).
-    quantization: None, "int8" (quantize linear weights on load), "gptq" or "awq" (checkpoints in
-      those formats; detected from config.json's quantization_config when None).
-    kv_cache_bytes: KV-cache budget in bytes; None means `kv_cache_fraction` of free memory.
-    kv_cache_dtype: "auto" (the model's dtype) or float32 / bfloat16 / float16. A 16-bit cache
-      under a float32 model holds twice the tokens per byte and halves what decode attention
-      reads; keys and values are rounded when stored (like vLLM's kv_cache_dtype), so greedy
-      output can differ from the float32 reference.
-    max_model_len: context limit; None means the model's own (max_position_embeddings).
+    Each field's entry below is its help text: `pravaha worker --help` and `pravaha generate
+    --help` show it beside the generated flag (a new field needs an entry; a test checks).
+
+    model: checkpoint directory, HF hub id, or dummy:<preset> (random weights of a built-in shape).
+    dtype: weights and activations: float32, float16 or bfloat16.
+    device: cpu, cuda or cuda:N.
+    block_size: tokens per KV-cache block.
+    kv_cache_bytes: KV-cache budget in bytes; none: kv_cache_fraction of free memory (on CPU
+      capped at what max_num_seqs sequences of max_model_len tokens can use).
+    kv_cache_fraction: share of free memory for the KV cache when kv_cache_bytes is none;
+      none: 0.9 on CUDA, 0.2 of MemAvailable on CPU.
+    kv_cache_dtype: auto (the model's dtype) or float32 / bfloat16 / float16. A 16-bit cache
+      under a float32 model holds twice the tokens; keys and values are rounded when stored,
+      so greedy output can differ from the float32 reference.
+    max_num_seqs: most sequences in one batch.
+    max_num_batched_tokens: most tokens in one forward pass (longer prompts are chunked).
+    max_model_len: context limit; none: the model's own (max_position_embeddings).
+    load_format: auto (read the weights) or dummy (random weights for the checkpoint's config).
+    seed: seeds the requests that give no seed of their own.
+    tokenizer: tokenizer directory or hub id; none: the model's.
+    native_kernels: CPU: the compiled paged-decode kernel and packed float32 linears; off:
+      plain torch paths.
+    enable_prefix_caching: reuse the KV blocks of prompt prefixes seen before.
+    quantization: none, int8 (quantize linear weights on load), gptq or awq (checkpoints in
+      those formats; detected from config.json's quantization_config when none).
     """
 
     model: str = "dummy:llama-tiny"
@@ -42,7 +60,7 @@ class EngineConfig:
     load_format: str = "auto"
     seed: int = 0
     tokenizer: str | None = None
-    native_kernels: bool = True      # CPU: the compiled paged-decode kernel, oneDNN-packed float32 linears
+    native_kernels: bool = True
     enable_prefix_caching: bool = True
     quantization: str | None = None
 
@@ -68,6 +86,9 @@ class EngineConfig:
         if self.quantization is not None and self.quantization not in QUANTIZATION_METHODS:
             raise ValueError(f"quantization: {self.quantization!r} is not one of "
                              f"{', '.join(QUANTIZATION_METHODS)} (or None)")
+        for name in ("native_kernels", "enable_prefix_caching"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name}: must be a bool, got {getattr(self, name)!r}")
         if self.load_format not in ("auto", "dummy"):
             raise ValueError(f"load_format: {self.load_format!r} is not 'auto' or 'dummy'")
 
@@ -89,6 +110,12 @@ class EngineConfig:
     @classmethod
     def field_names(cls) -> list[str]:
         return [f.name for f in fields(cls)]
+
+    @classmethod
+    def from_dict(cls, settings: dict) -> EngineConfig:
+        """Build from keyword settings; a name that is no field raises ValueError."""
+        check_known(cls, settings, "engine setting")
+        return cls(**settings)
 
 
 def _require_positive(name: str, value: object) -> None:

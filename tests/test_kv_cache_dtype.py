@@ -83,9 +83,9 @@ def test_worker_flag_and_env_reach_the_engine(monkeypatch):
     monkeypatch.setenv("PRAVAHA_KV_CACHE_DTYPE", "bfloat16")
     parser = argparse.ArgumentParser()
     add_worker_flags(parser)
-    assert config_from_args(parser.parse_args([])).kv_cache_dtype == "bfloat16"
+    assert config_from_args(parser.parse_args([])).engine.kv_cache_dtype == "bfloat16"
     config = config_from_args(parser.parse_args(["--kv-cache-dtype", "float16"]))
-    assert config.kv_cache_dtype == "float16"
+    assert config.engine.kv_cache_dtype == "float16"
 
     from worker.service import Worker
 
