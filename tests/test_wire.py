@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import time
 from dataclasses import fields
 
@@ -159,7 +160,7 @@ def test_build_job_validates_and_seeds():
 # ---- worker settings from PRAVAHA_* ------------------------------------------------------
 def _parse(argv):
     parser = argparse.ArgumentParser()
-    add_worker_flags(parser)
+    add_worker_flags(parser, os.environ)
     return config_from_args(parser.parse_args(argv))
 
 
@@ -220,7 +221,6 @@ def test_bad_settings_are_value_errors(monkeypatch):
 
 
 def test_worker_flag_defaults_without_env(monkeypatch):
-    import os
     for key in list(os.environ):
         if key.startswith("PRAVAHA_"):
             monkeypatch.delenv(key)
@@ -241,7 +241,6 @@ def test_env_values_are_validated(monkeypatch):
 
 # ---- docs/wire-protocol.md stays true ----------------------------------------------------
 def test_wire_protocol_page_lists_every_field_of_every_message():
-    import os
     import re
 
     page = open(os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "docs",

@@ -86,8 +86,9 @@ _WORKER_FIELDS = {f.name for f in _worker_fields()}
 assert not _ENGINE_FIELDS & _WORKER_FIELDS, "a setting may not be both a worker's and the engine's"
 
 
-def add_worker_flags(parser: argparse.ArgumentParser, environ: Mapping[str, str] = os.environ) -> None:
-    """One flag per worker and engine field; each defaults to PRAVAHA_<FIELD> from `environ`."""
+def add_worker_flags(parser: argparse.ArgumentParser, environ: Mapping[str, str]) -> None:
+    """One flag per worker and engine field; each defaults to PRAVAHA_<FIELD> from `environ`
+    (the entry point passes os.environ: nothing below it reads the environment)."""
     add_config_flags(parser.add_argument_group("worker"), WorkerConfig, _worker_fields(), environ)
     add_config_flags(parser.add_argument_group("engine"), EngineConfig, fields(EngineConfig), environ)
 
@@ -101,8 +102,7 @@ def config_from_args(args: argparse.Namespace) -> WorkerConfig:
     return WorkerConfig.from_settings(**{name: getattr(args, name) for name in setting_names()})
 
 
-def add_config_flags(parser: argparse.ArgumentParser | argparse._ArgumentGroup, cls: type, selected, environ: Mapping[str, str] | None,
-                     ) -> None:
+def add_config_flags(parser, cls: type, selected: list[Field], environ: Mapping[str, str] | None) -> None:
     """Flags `--field-name` for the `selected` fields of dataclass `cls`, help from its docstring.
     With `environ`, PRAVAHA_FIELD_NAME there replaces the field's default."""
     hints, docs = typing.get_type_hints(cls), field_help(cls)
