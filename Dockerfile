@@ -8,7 +8,8 @@ COPY pyproject.toml README.md ./
 COPY pravaha_core ./pravaha_core
 COPY worker ./worker
 COPY producer ./producer
-RUN pip install --upgrade pip && pip install .
+COPY benchmarks ./benchmarks
+RUN pip install --upgrade pip && pip install ".[worker]"
 
 USER 10001:10001
 EXPOSE 9400

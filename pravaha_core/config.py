@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, fields
 
+from .fields import check_known, reject_unknown_keywords
+
 SUPPORTED_DTYPES = ("float32", "float16", "bfloat16")
 QUANTIZATION_METHODS = ("int8", "gptq", "awq")
 ATTENTION_BACKENDS = ("auto", "torch", "cpu", "triton")
@@ -14,23 +16,42 @@ ATTENTION_BACKENDS = ("auto", "torch", "cpu", "triton")
 DEFAULT_KV_CACHE_FRACTION = {"cuda": 0.90, "cpu": 0.20}
 
 
+@reject_unknown_keywords
 @dataclass
 class EngineConfig:
     """Everything the engine needs to know, checked in `__post_init__`.
 
-    model: local checkpoint directory, HF hub id, or `dummy:<preset>`.
-    load_format: "auto" (read weights) or "dummy" (random weights for the checkpoint's config).
-    quantization: None, "int8" (quantize linear weights on load), "gptq" or "awq" (checkpoints in
-      those formats; detected from config.json's quantization_config when None).
-    kv_cache_bytes: KV-cache budget in bytes; None means `kv_cache_fraction` of free memory.
-    kv_cache_dtype: "auto" (the model's dtype) or float32 / bfloat16 / float16. A 16-bit cache
-      under a float32 model holds twice the tokens per byte and halves what decode attention
-      reads; keys and values are rounded when stored (like vLLM's kv_cache_dtype), so greedy
-      output can differ from the float32 reference.
-    max_model_len: context limit; None means the model's own (max_position_embeddings).
-    attention_backend: "auto" (triton on CUDA, cpu on the CPU, where they work; else torch),
-      "torch" (SDPA over gathered blocks, the reference), "cpu" (the native C++ kernels) or
-      "triton" (one paged flash-attention kernel; CUDA, or TRITON_INTERPRET=1 on the CPU).
+    Each field's entry below is its help text: `pravaha worker --help` and `pravaha generate
+    --help` show it beside the generated flag (a new field needs an entry; a test checks).
+
+    model: checkpoint directory, HF hub id, or dummy:<preset> (random weights of a built-in shape).
+    dtype: weights and activations: float32, float16 or bfloat16.
+    device: cpu, cuda or cuda:N.
+    block_size: tokens per KV-cache block.
+    kv_cache_bytes: KV-cache budget in bytes; none: kv_cache_fraction of free memory (on CPU
+      capped at what max_num_seqs sequences of max_model_len tokens can use).
+    kv_cache_fraction: share of free memory for the KV cache when kv_cache_bytes is none;
+      none: 0.9 on CUDA, 0.2 of MemAvailable on CPU.
+    kv_cache_dtype: auto (the model's dtype) or float32 / bfloat16 / float16. A 16-bit cache
+      under a float32 model holds twice the tokens; keys and values are rounded when stored,
+      so greedy output can differ from the float32 reference.
+    max_num_seqs: most sequences in one batch.
+    max_num_batched_tokens: most tokens in one forward pass (longer prompts are chunked).
+    max_model_len: context limit; none: the model's own (max_position_embeddings).
+    load_format: auto (read the weights) or dummy (random weights for the checkpoint's config).
+    seed: seeds the requests that give no seed of their own.
+    tokenizer: tokenizer directory or hub id; none: the model's.
+    native_kernels: CPU: the compiled kernels (attention, norms, GEMM) and packed float32
+      linears; off: plain torch paths.
+    kernel_march: CPU: the -march the native kernels are built for (native: this CPU;
+      haswell: the AVX2 paths, for images shared across CPU kinds).
+    huge_pages: CPU: weights and KV cache on transparent huge pages where the OS gives them.
+    enable_prefix_caching: reuse the KV blocks of prompt prefixes seen before.
+    quantization: none, int8 (quantize linear weights on load), gptq or awq (checkpoints in
+      those formats; detected from config.json's quantization_config when none).
+    attention_backend: auto (triton on CUDA, cpu on the CPU, where they work; else torch),
+      torch (SDPA over gathered blocks, the reference), cpu (the native C++ kernels) or triton
+      (one paged flash-attention kernel; CUDA, or TRITON_INTERPRET=1 on the CPU).
     """
 
     model: str = "dummy:llama-tiny"
@@ -46,9 +67,9 @@ class EngineConfig:
     load_format: str = "auto"
     seed: int = 0
     tokenizer: str | None = None
-    native_kernels: bool = True      # CPU: the compiled kernels (attention, norms, GEMM) and packed float32 linears
-    kernel_march: str = "native"     # CPU: the -march the kernels are built for ("haswell": the AVX2 paths)
-    huge_pages: bool = True          # CPU: weights and KV cache on transparent huge pages where the OS gives them
+    native_kernels: bool = True
+    kernel_march: str = "native"
+    huge_pages: bool = True
     enable_prefix_caching: bool = True
     quantization: str | None = None
     attention_backend: str = "auto"
@@ -75,6 +96,11 @@ class EngineConfig:
         if self.quantization is not None and self.quantization not in QUANTIZATION_METHODS:
             raise ValueError(f"quantization: {self.quantization!r} is not one of "
                              f"{', '.join(QUANTIZATION_METHODS)} (or None)")
+        for name in ("native_kernels", "enable_prefix_caching"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name}: must be a bool, got {getattr(self, name)!r}")
+        if not isinstance(self.huge_pages, bool):
+            raise ValueError(f"huge_pages: must be a bool, got {self.huge_pages!r}")
         if not isinstance(self.kernel_march, str) or not self.kernel_march.replace("-", "").replace("_", "").isalnum():
             raise ValueError(f"kernel_march: {self.kernel_march!r} is not a -march value")
         if self.attention_backend not in ATTENTION_BACKENDS:
@@ -101,6 +127,12 @@ class EngineConfig:
     @classmethod
     def field_names(cls) -> list[str]:
         return [f.name for f in fields(cls)]
+
+    @classmethod
+    def from_dict(cls, settings: dict) -> EngineConfig:
+        """Build from keyword settings; a name that is no field raises ValueError."""
+        check_known(cls, settings, "engine setting")
+        return cls(**settings)
 
 
 def _require_positive(name: str, value: object) -> None:

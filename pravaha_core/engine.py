@@ -17,7 +17,7 @@ from .loader import load_model
 from .metrics import EngineStats
 from .model_runner import ModelRunner, bytes_per_block
 from .output_processor import CompletionStream
-from .outputs import CompletionOutput, RequestOutput
+from .outputs import CompletionOutput, RequestOutput, append_delta
 from .sampling_params import SamplingParams
 from .scheduler import ModelRunnerOutput, Scheduler, SchedulerOutput
 from .sequence import Sequence
@@ -40,14 +40,10 @@ class Engine:
     `step`, `abort`, `has_unfinished`, `num_admittable` for a serving loop (don't mix the two
     on one engine at the same time)."""
 
-    def __init__(self, model: str = "dummy:llama-tiny", dtype: str = "float32", device: str = "cpu",
-                 block_size: int = 16, kv_cache_bytes: int | None = None, max_num_seqs: int = 256,
-                 max_num_batched_tokens: int = 2048, **kwargs):
-        config = kwargs.pop("config", None) or EngineConfig(
-            model=model, dtype=dtype, device=device, block_size=block_size,
-            kv_cache_bytes=kv_cache_bytes, max_num_seqs=max_num_seqs,
-            max_num_batched_tokens=max_num_batched_tokens, **kwargs)
-        self.config = config
+    def __init__(self, model: str | None = None, *, config: EngineConfig | None = None, **settings):
+        """`Engine(model, **settings)` with EngineConfig's field names, or `Engine(config=...)`.
+        Unknown settings, or a config given with settings beside it, raise ValueError."""
+        self.config = config = _engine_config(model, config, settings)
         cpu = (kernels.setup_cpu(config.native_kernels, config.kernel_march, config.huge_pages)
                if config.device_type == "cpu" else None)
         loaded = load_model(config, cpu)
@@ -76,6 +72,9 @@ class Engine:
         budget = config.kv_cache_bytes
         if budget is None:
             budget = int(free_memory_bytes(config.device) * config.effective_kv_cache_fraction)
+            if config.device_type == "cpu":   # host memory is shared: take no more than can be used
+                blocks_per_seq = -(-self.max_model_len // config.block_size)
+                budget = min(budget, config.max_num_seqs * blocks_per_seq * self.bytes_per_block)
         num_blocks = budget // self.bytes_per_block
         if num_blocks < 1:
             raise ValueError(f"kv_cache_bytes: {budget} bytes is less than one KV block "
@@ -243,6 +242,18 @@ class Engine:
         s.num_cached_prompt_tokens = self.scheduler.num_cached_tokens
 
 
+def _engine_config(model: str | None, config: EngineConfig | None, settings: dict) -> EngineConfig:
+    if config is None:
+        return EngineConfig.from_dict(settings if model is None else dict(settings, model=model))
+    if not isinstance(config, EngineConfig):
+        raise ValueError(f"config: expected an EngineConfig, got {type(config).__name__}")
+    given = sorted(settings) + (["model"] if model is not None else [])
+    if given:
+        raise ValueError(f"config: given together with {', '.join(given)}; pass an EngineConfig or "
+                         "settings, not both")
+    return config
+
+
 def _params(params: SamplingParams | dict | None) -> SamplingParams:
     if params is None:
         return SamplingParams()
@@ -259,12 +270,9 @@ def _accumulate(results: dict[str, RequestOutput], delta: RequestOutput) -> None
     for part in delta.outputs:
         out = have.get(part.index)
         if out is None:
-            out = CompletionOutput(part.index, logprobs=[] if part.logprobs is not None else None)
+            out = CompletionOutput(part.index)
             acc.outputs.append(out)
-        out.token_ids.extend(part.token_ids)
-        out.text += part.text
-        if part.logprobs is not None:
-            out.logprobs.extend(part.logprobs)
+        append_delta(out, part.token_ids, part.text, part.logprobs)
         out.finish_reason, out.error = part.finish_reason, part.error
     acc.finished = delta.finished
 

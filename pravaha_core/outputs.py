@@ -57,3 +57,18 @@ class RequestOutput:
     @property
     def num_prompt_tokens(self) -> int:
         return len(self.prompt_token_ids)
+
+
+def append_delta(completion, token_ids: list[int], text: str, logprobs: list[dict[int, float]] | None) -> None:
+    """Append one delta's new tokens, text and logprobs to a completion accumulated so far.
+
+    The one accumulator for deltas: the engine's `generate` (CompletionOutput), the worker's
+    published record (the wire `Completion`), or a client adding up `TokenEvent`s; anything
+    with `token_ids`, `text` and `logprobs` attributes. Finish reasons are the caller's.
+    """
+    completion.token_ids.extend(token_ids)
+    completion.text += text
+    if logprobs is not None:
+        if completion.logprobs is None:
+            completion.logprobs = []
+        completion.logprobs.extend(logprobs)

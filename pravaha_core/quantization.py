@@ -385,8 +385,8 @@ class QuantEmbedding(nn.Module):
 
 
 def _kernel_candidates(bits, zeros, g_idx, device) -> list[str]:
-    # torch 2.13's CPU int8 kernel crashes or returns garbage when in_features % 16 != 0 (seen
-    # with 172 and 168), which the load-time check cannot catch; such layers use dequant.
+    # torch's CPU int8 kernel crashes or returns garbage when in_features % 16 != 0, which the
+    # load-time check cannot catch; such layers use dequant.
     if bits == 8 and zeros.shape[1] == 1 and bool((zeros == 128).all()) and g_idx.numel() % 16 == 0:
         return ["int8pack_mm"]
     if bits == 4 and (zeros.shape[0] % 16 == 0 or torch.device(device).type != "cpu"):   # CPU: N % 16

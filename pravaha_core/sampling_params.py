@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field
 from typing import Any
+
+from .fields import check_known, reject_unknown_keywords
 
 MAX_LOGPROBS = 20   # as vLLM's default max_logprobs
 
 
+@reject_unknown_keywords
 @dataclass
 class SamplingParams:
     """How to sample one request.
@@ -91,10 +94,7 @@ class SamplingParams:
         """Build from a plain dict (e.g. off the wire); unknown fields raise ValueError."""
         if not isinstance(data, dict):
             raise ValueError(f"sampling params: expected a mapping, got {type(data).__name__}")
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise ValueError(f"{unknown[0]}: unknown sampling parameter (known: {', '.join(sorted(known))})")
+        check_known(cls, data, "sampling parameter")
         return cls(**data)
 
     def to_dict(self) -> dict[str, Any]:

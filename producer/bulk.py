@@ -211,19 +211,16 @@ class _Run:
     last_poll: float = 0.0
 
 
-def run_bulk(input_path: str, out_path: str, *, redis_url: str | None = None, model: str | None = None,
-             max_in_flight: int = 64, stream: str = "pravaha:requests", progress: bool | None = None,
+def run_bulk(input_path: str, out_path: str, *, redis_url: str, max_in_flight: int = 64,
+             stream: str = "pravaha:requests", progress: bool | None = None,
              on_progress: Callable[[dict], None] | None = None) -> Summary:
     """Generate a completion for every line of `input_path` into `out_path` (see module doc).
 
-    Without `redis_url` an embedded Redis and an in-process worker for `model` do the work;
-    with it, this only produces and collects, and the workers serving that Redis generate.
+    This produces and collects; the workers serving `redis_url` generate (`pravaha bulk`
+    without --redis-url starts a local one, see worker/local.py).
     """
     if max_in_flight < 1:
         raise ValueError("max_in_flight: must be >= 1")
-    if redis_url is None:
-        return _run_embedded(input_path, out_path, model or "dummy:llama-tiny", max_in_flight, stream,
-                             progress, on_progress)
     total = count_lines(input_path)
     out = OutputFile(out_path, total)
     run = _Run(Client(redis_url, stream=stream), out, max_in_flight)
@@ -335,26 +332,6 @@ def _retry(fn, attempts: int = 60):
                 raise
             time.sleep(delay)
             delay = min(delay * 2, 2.0)
-
-
-def _run_embedded(input_path, out_path, model, max_in_flight, stream, progress, on_progress) -> Summary:
-    import threading
-
-    from worker.embedded import EmbeddedRedis
-    from worker.service import Worker
-    from worker.settings import WorkerConfig
-
-    with EmbeddedRedis() as url:
-        worker = Worker(WorkerConfig(redis_url=url, model=model, stream=stream, consumer="bulk-embedded",
-                                     metrics_port=-1))
-        thread = threading.Thread(target=worker.run, name="pravaha-worker", daemon=True)
-        thread.start()
-        try:
-            return run_bulk(input_path, out_path, redis_url=url, max_in_flight=max_in_flight, stream=stream,
-                            progress=progress, on_progress=on_progress)
-        finally:
-            worker.stop()
-            thread.join(timeout=60)
 
 
 class Progress:

@@ -29,7 +29,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from pravaha_core import Engine, SamplingParams  # noqa: E402
 from pravaha_core.loader import PRESETS  # noqa: E402
 from tests.checkpoints import make_checkpoint  # noqa: E402
-from worker.bench import bench_hf_generate_batch, hf_model, model_flops, workload  # noqa: E402
+from benchmarks.throughput import bench_hf_generate_batch, hf_model, model_flops, workload  # noqa: E402
 
 
 def sync(device: str) -> None:
@@ -141,7 +141,7 @@ def bench_gpu(device: str, backends: list[str], num: int = 512, max_output: int 
 
 
 def quant_gpu(device: str, new_tokens: int = 64) -> dict:
-    from worker.bench import QUANT_ROWS
+    from benchmarks.throughput import QUANT_ROWS
 
     report = {}
     for name, dtype, quant in QUANT_ROWS[1:]:          # bfloat16, int8, GPTQ int4

@@ -228,7 +228,7 @@ def test_prompt_rows_through_the_kernel_match_hf(tmp_path, family, heads, kv_hea
 
 
 def test_bench_warns_when_the_native_gemm_is_far_below_onednn():
-    from worker.bench import slow_native_gemm
+    from benchmarks.throughput import slow_native_gemm
 
     assert slow_native_gemm({"torch.matmul": 104.0, "oneDNN packed": 122.0, "native panels": 46.5}).startswith(
         "warning: the native panel GEMM runs at 46 GFLOP/s, 38% of oneDNN's 122")
@@ -238,7 +238,7 @@ def test_bench_warns_when_the_native_gemm_is_far_below_onednn():
 
 
 def test_bench_flops_split_into_phases_and_decode_bytes_count_weights_per_step_and_each_context():
-    from worker.bench import Request, decode_bytes, model_flops, phase_flops
+    from benchmarks.throughput import Request, decode_bytes, model_flops, phase_flops
 
     cfg = {"hidden_size": 8, "num_hidden_layers": 2, "num_attention_heads": 2, "num_key_value_heads": 1,
            "intermediate_size": 16, "vocab_size": 32}
@@ -256,7 +256,7 @@ def test_bench_flops_split_into_phases_and_decode_bytes_count_weights_per_step_a
 
 
 def test_bench_reports_the_fastest_of_interleaved_runs_and_rejects_zero_repeats():
-    from worker.bench import fastest_run, run
+    from benchmarks.throughput import fastest_run, run
     from worker.cli import main
 
     runs = [{"tokens": 100, "seconds": 12.4, "steps": 9}, {"tokens": 100, "seconds": 11.9, "steps": 9}]

@@ -159,6 +159,36 @@ def test_default_kv_budget_is_a_fraction_of_free_memory(monkeypatch):
     assert engine.kv_cache_info()["num_blocks"] == int((10 << 20) * 0.20) // engine.bytes_per_block
 
 
+def test_default_cpu_kv_cache_holds_no_more_than_the_seats_can_use(monkeypatch):
+    import pravaha_core.engine as engine_mod
+
+    monkeypatch.setattr(engine_mod, "free_memory_bytes", lambda device: 1 << 40)   # a huge host
+    engine = Engine("dummy:llama-tiny", max_num_seqs=3, max_model_len=40)
+    assert engine.kv_cache_info()["num_blocks"] == 3 * 3          # 3 sequences x ceil(40 / 16) blocks
+    assert Engine("dummy:llama-tiny", max_num_seqs=3, max_model_len=40,
+                  kv_cache_bytes=1 << 22).kv_cache_info()["num_blocks"] > 9      # an explicit budget is kept
+
+
+def test_engine_settings_are_validated_against_the_config_fields():
+    from pravaha_core import EngineConfig
+
+    with pytest.raises(ValueError, match="max_num_seq: unknown engine setting"):
+        Engine("dummy:llama-tiny", max_num_seq=4)
+    config = EngineConfig(kv_cache_bytes=1 << 20, max_num_seqs=4)
+    with pytest.raises(ValueError, match="config: given together with max_num_seqs"):
+        Engine(config=config, max_num_seqs=8)
+    with pytest.raises(ValueError, match="config: given together with model"):
+        Engine("dummy:gpt2-tiny", config=config)
+    with pytest.raises(ValueError, match="config: expected an EngineConfig"):
+        Engine(config={"max_num_seqs": 4})
+    assert Engine(config=config).config is config
+    assert Engine(model="dummy:llama-tiny", kv_cache_bytes=1 << 20, max_num_seqs=4).config == config
+    with pytest.raises(ValueError, match="foo: unknown SamplingParams field"):
+        SamplingParams(foo=1)
+    with pytest.raises(ValueError, match="native_kernels: must be a bool"):
+        EngineConfig(native_kernels="no")
+
+
 @pytest.mark.parametrize("preset", ["gpt2-tiny", "llama-tiny"])
 def test_dummy_presets_generate(preset):
     engine = Engine(f"dummy:{preset}", kv_cache_bytes=1 << 20)

@@ -10,7 +10,6 @@ import subprocess
 import time
 import urllib.error
 import urllib.request
-from dataclasses import fields
 
 import jsonschema
 import pytest
@@ -21,7 +20,7 @@ from producer.gateway.config import add_serve_flags
 from producer.gateway.config import config_from_args as gateway_config
 from producer.names import DEFAULT_GROUP, DEFAULT_STREAM
 from worker.embedded import free_port
-from worker.settings import WorkerConfig
+from worker.settings import WorkerConfig, setting_names
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 K8S_VERSION = "1.33.0"
@@ -140,7 +139,7 @@ def test_worker_pod_settings_match_worker_defaults(overlay):
     pod = one(overlay, "Deployment", "pravaha-worker")["spec"]["template"]["spec"]
     config = one(overlay, "ConfigMap", "pravaha-worker")["data"]
     defaults = WorkerConfig(consumer="x")
-    flag_envs = {"PRAVAHA_" + f.name.upper() for f in fields(WorkerConfig)}
+    flag_envs = {"PRAVAHA_" + name.upper() for name in setting_names()}
     assert set(config) - {"HF_HOME"} <= flag_envs, "every PRAVAHA_ key must be a worker flag"
     assert config["PRAVAHA_STREAM"] == defaults.stream and config["PRAVAHA_GROUP"] == defaults.group
     port = int(config["PRAVAHA_METRICS_PORT"])

@@ -11,6 +11,7 @@ reference's top two were that close (then the rest of that sequence is not compa
 from __future__ import annotations
 
 import argparse
+import os
 
 import pytest
 import torch
@@ -82,10 +83,10 @@ def test_16_bit_cache_greedy_matches_float32_cache(peaked, native, cache_dtype):
 def test_worker_flag_and_env_reach_the_engine(monkeypatch):
     monkeypatch.setenv("PRAVAHA_KV_CACHE_DTYPE", "bfloat16")
     parser = argparse.ArgumentParser()
-    add_worker_flags(parser)
-    assert config_from_args(parser.parse_args([])).kv_cache_dtype == "bfloat16"
+    add_worker_flags(parser, os.environ)
+    assert config_from_args(parser.parse_args([])).engine.kv_cache_dtype == "bfloat16"
     config = config_from_args(parser.parse_args(["--kv-cache-dtype", "float16"]))
-    assert config.kv_cache_dtype == "float16"
+    assert config.engine.kv_cache_dtype == "float16"
 
     from worker.service import Worker
 

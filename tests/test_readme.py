@@ -64,6 +64,7 @@ def test_serving_commands_and_client_example_run(redis_server):
                                    timeout=120)
         assert submitted.returncode == 0, submitted.stderr
         assert len(submitted.stdout) > 0
+        assert re.search(r"request \w+: (length|stop), \d+ prompt \+ \d+ completion tokens", submitted.stderr)
         client_code = next(b for b in code_blocks("python") if "from producer import Client" in b)
         result = run_python(client_code.replace(DEFAULT_URL, redis_server.url), timeout=120)
         assert result.returncode == 0, result.stderr

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import argparse
+import os
 import time
+from dataclasses import fields
 
 import msgspec
 import pytest
@@ -12,6 +14,7 @@ from producer.client import build_job, result_as_events
 from producer.names import Names, check_request_id
 from producer.wire import (SCHEMA_VERSION, Completion, Job, Result, TokenEvent, Usage, decode, encode,
                            peek_request_id)
+from pravaha_core.config import EngineConfig
 from worker.settings import WorkerConfig, add_worker_flags, config_from_args
 
 
@@ -157,7 +160,7 @@ def test_build_job_validates_and_seeds():
 # ---- worker settings from PRAVAHA_* ------------------------------------------------------
 def _parse(argv):
     parser = argparse.ArgumentParser()
-    add_worker_flags(parser)
+    add_worker_flags(parser, os.environ)
     return config_from_args(parser.parse_args(argv))
 
 
@@ -171,30 +174,62 @@ def test_env_vars_fill_worker_flags(monkeypatch):
     for key, value in env.items():
         monkeypatch.setenv(key, value)
     config = _parse([])
-    assert config == WorkerConfig(redis_url="redis://example:6380/2", model="dummy:gpt2-tiny", stream="s1",
-                                  group="g1", prefix="p1", consumer="c1", dtype="bfloat16", device="cuda:1",
-                                  max_num_seqs=7, max_num_batched_tokens=512, kv_cache_bytes=1048576,
-                                  reclaim_idle_s=2.5, max_deliveries=3, drain_timeout_s=0.5, result_ttl_s=60,
-                                  block_ms=50, seed=42)
-    assert type(config.max_num_seqs) is int and type(config.reclaim_idle_s) is float
-    assert type(config.kv_cache_bytes) is int
+    engine = EngineConfig(model="dummy:gpt2-tiny", dtype="bfloat16", device="cuda:1", max_num_seqs=7,
+                          max_num_batched_tokens=512, kv_cache_bytes=1048576, seed=42)
+    assert config == WorkerConfig(engine=engine, redis_url="redis://example:6380/2", stream="s1", group="g1",
+                                  prefix="p1", consumer="c1", reclaim_idle_s=2.5, max_deliveries=3,
+                                  drain_timeout_s=0.5, result_ttl_s=60, block_ms=50)
+    assert type(config.engine.max_num_seqs) is int and type(config.reclaim_idle_s) is float
+    assert type(config.engine.kv_cache_bytes) is int
     # A flag on the command line beats the environment.
-    assert _parse(["--max-num-seqs", "9", "--stream", "s2"]).max_num_seqs == 9
+    assert _parse(["--max-num-seqs", "9", "--stream", "s2"]).engine.max_num_seqs == 9
     assert _parse(["--stream", "s2"]).stream == "s2"
 
 
+def test_every_engine_setting_is_a_worker_flag_and_variable_with_help(monkeypatch):
+    """Flags and PRAVAHA_* are generated from the dataclasses: every field is settable, and
+    every field has a help entry in its class docstring."""
+    from pravaha_core.fields import field_help
+
+    for cls in (EngineConfig, WorkerConfig):
+        names = {f.name for f in fields(cls)} - {"engine"}
+        assert names <= set(field_help(cls)), f"{cls.__name__}: fields without a docstring entry"
+    monkeypatch.setenv("PRAVAHA_NATIVE_KERNELS", "false")
+    monkeypatch.setenv("PRAVAHA_KV_CACHE_FRACTION", "0.05")
+    monkeypatch.setenv("PRAVAHA_QUANTIZATION", "none")
+    config = _parse(["--block-size", "32", "--no-enable-prefix-caching", "--max-model-len", "64"])
+    assert config.engine == EngineConfig(native_kernels=False, kv_cache_fraction=0.05, block_size=32,
+                                         enable_prefix_caching=False, max_model_len=64)
+    parser = argparse.ArgumentParser()
+    add_worker_flags(parser, {})
+    helps = {a.dest: a.help for a in parser._actions}
+    for f in fields(EngineConfig):
+        assert f"env PRAVAHA_{f.name.upper()};" in helps[f.name], f.name
+    assert helps["kv_cache_bytes"].startswith("KV-cache budget in bytes")
+
+
+def test_bad_settings_are_value_errors(monkeypatch):
+    with pytest.raises(ValueError, match="max_num_seq: unknown worker or engine setting"):
+        WorkerConfig.from_settings(max_num_seq=3)
+    monkeypatch.setenv("PRAVAHA_ENABLE_PREFIX_CACHING", "perhaps")
+    with pytest.raises(ValueError, match="PRAVAHA_ENABLE_PREFIX_CACHING='perhaps'"):
+        _parse([])
+    monkeypatch.setenv("PRAVAHA_ENABLE_PREFIX_CACHING", "1")
+    monkeypatch.setenv("PRAVAHA_BLOCK_SIZE", "sixteen")
+    with pytest.raises(ValueError, match="PRAVAHA_BLOCK_SIZE='sixteen'"):
+        _parse([])
+
+
 def test_worker_flag_defaults_without_env(monkeypatch):
-    import os
     for key in list(os.environ):
         if key.startswith("PRAVAHA_"):
             monkeypatch.delenv(key)
     config = _parse([])
     default = WorkerConfig()
-    for name in ("redis_url", "model", "stream", "group", "prefix", "dtype", "device", "max_num_seqs",
-                 "max_num_batched_tokens", "kv_cache_bytes", "reclaim_idle_s", "max_deliveries",
-                 "drain_timeout_s", "result_ttl_s", "block_ms", "seed"):
+    for name in ("redis_url", "stream", "group", "prefix", "reclaim_idle_s", "max_deliveries",
+                 "drain_timeout_s", "result_ttl_s", "block_ms"):
         assert getattr(config, name) == getattr(default, name), name
-    assert config.kv_cache_bytes is None
+    assert config.engine == EngineConfig()
     assert config.consumer                           # <hostname>-<pid>
 
 
@@ -202,3 +237,21 @@ def test_env_values_are_validated(monkeypatch):
     monkeypatch.setenv("PRAVAHA_MAX_NUM_SEQS", "0")
     with pytest.raises(ValueError, match="max_num_seqs"):
         _parse([])
+
+
+# ---- docs/wire-protocol.md stays true ----------------------------------------------------
+def test_wire_protocol_page_lists_every_field_of_every_message():
+    import re
+
+    page = open(os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "docs",
+                             "wire-protocol.md"), encoding="utf-8").read()
+    sections = {"## Submitting a job": Job, "## Receiving tokens": TokenEvent, "## The result": Result}
+    for heading, cls in sections.items():
+        body = page[page.index(heading):]
+        body = body[:body.find("\n## ", 1)]
+        documented = set(re.findall(r"^\| `(\w+)` \|", body, re.M))
+        assert documented == set(cls.__struct_fields__), (cls.__name__, documented ^ set(cls.__struct_fields__))
+    assert f"must be `{SCHEMA_VERSION}`" in page
+    names = Names()
+    assert "XADD P:{RID}:events * event" in page and names.events("RID") == "pravaha:{RID}:events"
+    assert "PUBLISH P:cancel <RID>" in page and names.cancel_channel == "pravaha:cancel"

@@ -67,7 +67,7 @@ def thread_worker():
         config = dict(redis_url=url, consumer=f"thread-{len(started)}", kv_cache_bytes=8 << 20, block_ms=100,
                       drain_timeout_s=2.0, metrics_port=-1)
         config.update(overrides)
-        tw = ThreadWorker(Worker(WorkerConfig(**config)))
+        tw = ThreadWorker(Worker(WorkerConfig.from_settings(**config)))
         started.append(tw)
         tw.thread.start()
         wait_for(lambda: tw.worker.ready or not tw.thread.is_alive(), 60, "the worker to serve")

@@ -3,24 +3,32 @@
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
 import sys
+from dataclasses import fields
+
+
+# Modules that only `pip install "pravaha[worker]"` brings; the base install is the client.
+WORKER_EXTRA = ("torch", "transformers", "tokenizers", "safetensors", "huggingface_hub", "prometheus_client",
+                "fakeredis", "ninja")
 
 
 def engine_args(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", default="dummy:llama-tiny",
-                        help="checkpoint directory, HF hub id, or dummy:<preset> (default: %(default)s)")
-    parser.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
-    parser.add_argument("--device", default="cpu")
-    parser.add_argument("--kv-cache-bytes", type=int, default=None)
-    parser.add_argument("--kv-cache-dtype", default="auto", choices=["auto", "float32", "float16", "bfloat16"],
-                        help="KV cache dtype; auto: the model's (a 16-bit cache holds twice the tokens)")
-    parser.add_argument("--max-num-seqs", type=int, default=256)
-    parser.add_argument("--max-num-batched-tokens", type=int, default=2048)
-    parser.add_argument("--load-format", default="auto", choices=["auto", "dummy"])
-    parser.add_argument("--quantization", default=None, choices=["int8", "gptq", "awq"],
-                        help="int8: quantize on load; gptq/awq: such checkpoints (detected when omitted)")
+    """One flag per EngineConfig field (no environment: only `pravaha worker` reads PRAVAHA_*).
+    Its seed is left out: `--seed` here is the request's (sampling_args)."""
+    from pravaha_core.config import EngineConfig
+
+    from .settings import add_config_flags
+
+    add_config_flags(parser, EngineConfig, _generate_engine_fields(), environ=None)
+
+
+def _generate_engine_fields():
+    from pravaha_core.config import EngineConfig
+
+    return [f for f in fields(EngineConfig) if f.name != "seed"]
 
 
 def sampling_args(parser: argparse.ArgumentParser, max_tokens: int) -> None:
@@ -41,14 +49,14 @@ def cmd_generate(args: argparse.Namespace) -> int:
     """Stream one prompt's completion to stdout, in this process (no Redis)."""
     from pravaha_core import Engine, SamplingParams
 
-    engine = Engine(model=args.model, dtype=args.dtype, device=args.device, kv_cache_bytes=args.kv_cache_bytes,
-                    kv_cache_dtype=args.kv_cache_dtype, max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
-                    load_format=args.load_format, quantization=args.quantization)
-    return print_stream(engine.stream(args.prompt, SamplingParams(**sampling_dict(args))))
+    engine = Engine(**{f.name: getattr(args, f.name) for f in _generate_engine_fields()})
+    return print_stream(engine.stream(args.prompt, SamplingParams(**sampling_dict(args))))[0]
 
 
-def print_stream(parts) -> int:
-    """Write streamed text to stdout as it comes (anything with .text, .finished, .error)."""
+def print_stream(parts) -> tuple[int, object]:
+    """Write streamed text to stdout as it comes (anything with .text, .finished, .error).
+    Returns (1 if the last part reports an error else 0, the last part)."""
+    part = None
     for part in parts:
         sys.stdout.write(part.text)
         sys.stdout.flush()
@@ -56,8 +64,8 @@ def print_stream(parts) -> int:
             sys.stdout.write("\n")
             if part.error:
                 print(f"error: {part.error}", file=sys.stderr)
-                return 1
-    return 0
+                return 1, part
+    return 0, part
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
@@ -77,12 +85,25 @@ def cmd_worker(args: argparse.Namespace) -> int:
 
 
 def cmd_submit(args: argparse.Namespace) -> int:
-    """Submit one prompt to the stream and print its tokens as they arrive."""
+    """Submit one prompt to the stream; stream its text to stdout and then its request id,
+    finish reason and token counts to stderr (or, with --json, print the result as JSON)."""
+    import msgspec
+
     from producer import Client
 
     client = Client(args.redis_url, stream=args.stream)
     rid = client.submit(args.prompt, sampling_dict(args), request_id=args.request_id)
-    return print_stream(client.stream(rid, timeout=args.timeout))
+    if args.json:
+        result = client.result(rid, timeout=args.timeout)
+        print(json.dumps({"request_id": rid, "text": result.text, "token_ids": result.token_ids,
+                          "finish_reason": result.finish_reason, "error": result.error,
+                          "usage": msgspec.to_builtins(result.usage)}, ensure_ascii=False))
+        return 1 if result.error else 0
+    code, last = print_stream(client.stream(rid, timeout=args.timeout))
+    usage = last.usage
+    print(f"request {rid}: {last.finish_reason}, {usage.prompt_tokens} prompt + {usage.completion_tokens} "
+          "completion tokens", file=sys.stderr)
+    return code
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
@@ -94,7 +115,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 def cmd_bulk(args: argparse.Namespace) -> int:
-    """OpenAI Batch JSONL in, batch output JSONL out; resumable; or one RQ job with --rq."""
+    """OpenAI Batch JSONL in, batch output JSONL out; resumable; or one RQ job with --rq.
+    Without --redis-url, a local worker on an embedded Redis does the work."""
     from producer.bulk import enqueue_rq, run_bulk
 
     if args.rq:
@@ -106,8 +128,18 @@ def cmd_bulk(args: argparse.Namespace) -> int:
         return 0
     if not os.path.isfile(args.input):
         raise ValueError(f"input file {args.input!r} does not exist")
-    summary = run_bulk(args.input, args.out, redis_url=args.redis_url, model=args.model,
-                       max_in_flight=args.max_in_flight, stream=args.stream)
+    if args.redis_url:
+        summary = run_bulk(args.input, args.out, redis_url=args.redis_url, max_in_flight=args.max_in_flight,
+                           stream=args.stream)
+    else:
+        from .local import local_worker
+        from .settings import WorkerConfig
+
+        config = WorkerConfig.from_settings(model=args.model, stream=args.stream, consumer="bulk-embedded",
+                                            metrics_port=-1)
+        with local_worker(config):
+            summary = run_bulk(args.input, args.out, redis_url=config.redis_url,
+                               max_in_flight=args.max_in_flight, stream=args.stream)
     print(summary.text())
     return 0
 
@@ -123,13 +155,35 @@ def cmd_quantize(args: argparse.Namespace) -> int:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
-    from .bench import run
+    from benchmarks.throughput import run
 
     run(quick=args.quick, out_dir=args.out_dir, skip_hf=args.skip_hf, repeats=args.repeats)
     return 0
 
 
 def main(argv: list[str] | None = None) -> int:
+    try:
+        parser = build_parser(os.environ)
+        args = parser.parse_args(argv)
+    except ValueError as exc:   # a PRAVAHA_* variable that does not parse
+        print(f"pravaha: error: {exc}", file=sys.stderr)
+        return 2
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        return args.func(args)
+    except ValueError as exc:
+        print(f"pravaha: error: {exc}", file=sys.stderr)
+        return 2
+    except ModuleNotFoundError as exc:
+        if exc.name not in WORKER_EXTRA:
+            raise
+        print(f"pravaha: error: `pravaha {args.command}` needs the engine ({exc.name} is not installed): "
+              "pip install 'pravaha[worker]'", file=sys.stderr)
+        return 2
+
+
+def build_parser(environ) -> argparse.ArgumentParser:
+    """The `pravaha` parser; `pravaha worker`'s flags default to PRAVAHA_* in `environ`."""
     from .settings import add_worker_flags
 
     parser = argparse.ArgumentParser(prog="pravaha", description="Pravāha: Redis-stream batch LLM inference")
@@ -142,7 +196,7 @@ def main(argv: list[str] | None = None) -> int:
     demo.set_defaults(func=cmd_demo)
 
     worker = sub.add_parser("worker", help="serve the request stream (flags also from PRAVAHA_* env vars)")
-    add_worker_flags(worker)
+    add_worker_flags(worker, environ)
     worker.set_defaults(func=cmd_worker)
 
     submit = sub.add_parser("submit", help="submit a prompt to the stream and stream its text to stdout")
@@ -151,6 +205,8 @@ def main(argv: list[str] | None = None) -> int:
     submit.add_argument("--stream", default="pravaha:requests")
     submit.add_argument("--request-id", default=None)
     submit.add_argument("--timeout", type=float, default=None)
+    submit.add_argument("--json", action="store_true",
+                        help="print the result as one JSON object (request_id, text, finish_reason, usage)")
     sampling_args(submit, max_tokens=64)
     submit.set_defaults(func=cmd_submit)
 
@@ -199,13 +255,7 @@ def main(argv: list[str] | None = None) -> int:
     sampling_args(gen, max_tokens=64)
     gen.set_defaults(func=cmd_generate)
 
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    try:
-        return args.func(args)
-    except ValueError as exc:
-        print(f"pravaha: error: {exc}", file=sys.stderr)
-        return 2
+    return parser
 
 
 if __name__ == "__main__":

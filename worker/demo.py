@@ -3,13 +3,11 @@
 from __future__ import annotations
 
 import asyncio
-import threading
 import time
 
 from producer import AsyncClient
 
-from .embedded import EmbeddedRedis
-from .service import Worker
+from .local import local_worker
 from .settings import WorkerConfig
 
 PROMPTS = ["Once upon a time", "The capital of France is", "def fibonacci(n):",
@@ -17,27 +15,20 @@ PROMPTS = ["Once upon a time", "The capital of France is", "def fibonacci(n):",
 
 
 def run_demo(model: str, max_tokens: int, redis_url: str | None = None) -> int:
-    embedded = None if redis_url else EmbeddedRedis()
-    url = redis_url or embedded.start()
-    try:
-        where = f"embedded {embedded.kind} at {url}" if embedded else url
+    config = WorkerConfig.from_settings(model=model, consumer="demo-worker", kv_cache_bytes=64 << 20,
+                                        metrics_port=-1)
+    with local_worker(config, redis_url) as (worker, where):
         print(f"Redis: {where}")
-        config = WorkerConfig(redis_url=url, model=model, consumer="demo-worker", kv_cache_bytes=64 << 20,
-                              metrics_port=-1)
-        worker = Worker(config)
-        thread = threading.Thread(target=worker.run, name="pravaha-worker", daemon=True)
-        thread.start()
         print(f"worker: {model}, KV cache {worker.engine.kv_cache_info()['num_blocks']} blocks")
-        summary = asyncio.run(_produce_and_stream(url, max_tokens))
-        worker.stop()
-        thread.join(timeout=30)
-        print(summary)
-        print("HTTP: `pravaha worker` and `pravaha serve --redis-url URL`, then the openai SDK at "
-              "http://127.0.0.1:8000/v1 (README: HTTP gateway)")
-        return 0
-    finally:
-        if embedded:
-            embedded.stop()
+        if model.startswith("dummy:"):
+            print(f"note: {model} has random weights, so its text is random tokens (often pieces of UTF-8 "
+                  "characters, shown as \ufffd); the token ids are shown beside it. For real text pass "
+                  "--model with a checkpoint directory or hub id.")
+        summary = asyncio.run(_produce_and_stream(config.redis_url, max_tokens))
+    print(summary)
+    print("HTTP: `pravaha worker` and `pravaha serve --redis-url URL`, then the openai SDK at "
+          "http://127.0.0.1:8000/v1 (README: HTTP gateway)")
+    return 0
 
 
 async def _produce_and_stream(url: str, max_tokens: int) -> str:
@@ -52,7 +43,7 @@ async def _produce_and_stream(url: str, max_tokens: int) -> str:
         results = [await client.result(rid, timeout=60) for rid in rids]
         print("\n--- results ---")
         for prompt, result in zip(PROMPTS, results):
-            print(f"{prompt!r} -> {result.text!r} ({result.finish_reason})")
+            print(f"{prompt!r} -> {result.text!r} ({result.finish_reason}; token ids {result.token_ids})")
         tokens = sum(counts)
         return (f"\n{len(rids)} requests, {tokens} tokens in {elapsed:.2f}s: {tokens / elapsed:.1f} tokens/s "
                 f"(producer -> stream -> worker -> channels)")

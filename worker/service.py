@@ -12,11 +12,14 @@ import logging
 import random
 import signal
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import redis
+from redis.client import Pipeline
 
 from pravaha_core import Engine, SamplingParams
+from pravaha_core.outputs import append_delta
 from producer.names import Names, check_request_id
 from producer.wire import Completion, Job, Result, TokenEvent, Usage, decode, encode, peek_request_id
 
@@ -56,8 +59,8 @@ class Inflight:
 
     @property
     def finished(self) -> bool:
-        done = [c for c in self.completions.values() if c.finish_reason is not None]
-        return len(done) >= self.num_samples
+        ended = [c for c in self.completions.values() if c.finish_reason is not None]
+        return len(ended) >= self.num_samples
 
 
 class Worker:
@@ -65,15 +68,13 @@ class Worker:
                  connection: redis.Redis | None = None):
         self.config = config
         self.names = Names(config.stream, config.group, config.prefix)
-        self.engine = engine or Engine(model=config.model, dtype=config.dtype, device=config.device,
-                                       kv_cache_bytes=config.kv_cache_bytes, kv_cache_dtype=config.kv_cache_dtype,
-                                       max_num_seqs=config.max_num_seqs,
-                                       max_num_batched_tokens=config.max_num_batched_tokens, seed=config.seed,
-                                       quantization=config.quantization)
+        self.engine = engine or Engine(config=config.engine)
         self.redis = connection or redis.Redis.from_url(config.redis_url, socket_timeout=30,
                                                         socket_connect_timeout=5, health_check_interval=10)
         self.inflight: dict[str, Inflight] = {}
-        self.outbox: list = []          # pending writes: callables taking a pipeline
+        # Writes not yet in Redis, flushed in one transaction: (request id or None, a function
+        # that queues the write on a pipeline). A request's entries are dropped if it is lost.
+        self.pending_writes: list[tuple[str | None, Callable[[Pipeline], object]]] = []
         self.stopping = False
         self.ready = False
         self._cancels = None
@@ -174,13 +175,13 @@ class Worker:
 
     def _flush(self) -> None:
         """Write everything pending in one transaction; kept for retry if Redis is down."""
-        if not self.outbox:
+        if not self.pending_writes:
             return
         pipe = self.redis.pipeline(transaction=True)
-        for _, write in self.outbox:
+        for _, write in self.pending_writes:
             write(pipe)
         pipe.execute()
-        self.outbox = []
+        self.pending_writes = []
 
     def _housekeeping(self) -> None:
         """Every few seconds: keep our pending entries fresh, check cancel keys, reclaim."""
@@ -220,16 +221,16 @@ class Worker:
         stop them here and write nothing more for them."""
         rids = list(self.inflight)
         owners = self.redis.mget([self.names.lease(r) for r in rids])
-        done = self.redis.mget([self.names.result(r) for r in rids])
+        results = self.redis.mget([self.names.result(r) for r in rids])
         mine = self.config.consumer.encode()
-        lost = {rid for rid, owner, result in zip(rids, owners, done)
+        lost = {rid for rid, owner, result in zip(rids, owners, results)
                 if result is not None or (owner is not None and owner != mine)}
         for rid in lost:
             log.warning("request %s was taken over by another worker while this one stalled; dropping it", rid)
             self.engine.abort(rid)
             del self.inflight[rid]
         if lost:
-            self.outbox = [(rid, write) for rid, write in self.outbox if rid not in lost]
+            self.pending_writes = [(rid, write) for rid, write in self.pending_writes if rid not in lost]
 
     def _reclaim(self) -> None:
         count = self.engine.num_admittable()
@@ -284,9 +285,9 @@ class Worker:
             pipe.set(self.names.lease(rid), self.config.consumer, nx=not reclaimed, ex=self._lease_ttl)
         state = pipe.execute()
         for i, (eid, job, payload) in sorted(enumerate(jobs), key=lambda x: -x[1][1].priority):
-            done, cancelled, prior, leased = state[4 * i: 4 * i + 4]
-            if done or not leased:   # finished already, or a duplicate another worker is running
-                self.outbox.append((None, lambda p, e=eid: self._ack(p, e)))
+            has_result, cancelled, prior, leased = state[4 * i: 4 * i + 4]
+            if has_result or not leased:   # finished already, or a duplicate another worker is running
+                self.pending_writes.append((None, lambda p, e=eid: self._ack(p, e)))
             else:
                 self._start(eid, job, payload, bool(cancelled), prior)
 
@@ -324,25 +325,26 @@ class Worker:
         self._absorb_prior(req, prior)
         if not prior:
             return []
-        done = req.completion(0)
+        streamed = req.completion(0)
         if req.num_samples > 1:
             req.replayed = {i: [len(c.token_ids), len(c.text)] for i, c in req.completions.items()}
             return []
-        if len(done.token_ids) >= params.max_tokens:
+        if len(streamed.token_ids) >= params.max_tokens:
             self._finish_now(req, "length", None)
             return None
-        log.info("resuming %s after %d tokens", req.request_id, len(done.token_ids))
-        return done.token_ids
+        log.info("resuming %s after %d tokens", req.request_id, len(streamed.token_ids))
+        return streamed.token_ids
 
     def _absorb_prior(self, req: Inflight, prior: list[TokenEvent]) -> None:
         for event in sorted(prior, key=lambda e: (e.sample, e.index)):
             if event.index < req.next_index.get(event.sample, 0):
                 continue   # a write that was retried
             req.next_index[event.sample] = event.index + 1
-            done = req.completion(event.sample)
-            _extend(done, event.token_ids, event.text, event.logprobs, event.logprob_texts)
+            completion = req.completion(event.sample)
+            append_delta(completion, event.token_ids, event.text, event.logprobs)
+            _merge_texts(completion, event.logprob_texts)
             if event.finished:
-                done.finish_reason, done.error = event.finish_reason, event.error
+                completion.finish_reason, completion.error = event.finish_reason, event.error
 
     # ---- output ----------------------------------------------------------------------
     def _publish(self, outputs) -> None:
@@ -371,20 +373,21 @@ class Worker:
         return c.token_ids[k:], c.text[m:], None if c.logprobs is None else c.logprobs[k:]
 
     def _emit(self, req: Inflight, sample: int, token_ids, text, finish_reason, error, logprobs=None) -> None:
-        done = req.completion(sample)
+        completion = req.completion(sample)
         event = TokenEvent(request_id=req.request_id, sample=sample, num_samples=req.num_samples,
-                           index=req.next_index.get(sample, 0), offset=len(done.token_ids),
+                           index=req.next_index.get(sample, 0), offset=len(completion.token_ids),
                            token_ids=list(token_ids), text=text, finished=finish_reason is not None,
                            finish_reason=finish_reason, error=error, logprobs=logprobs,
                            logprob_texts=self._token_texts(logprobs))
         req.next_index[sample] = event.index + 1
-        _extend(done, token_ids, text, logprobs, event.logprob_texts)
+        append_delta(completion, token_ids, text, logprobs)
+        _merge_texts(completion, event.logprob_texts)
         if token_ids:
             self.metrics.generated_tokens.inc(len(token_ids))
             if req.first_token_at is None:
                 req.first_token_at = time.time()
                 self.metrics.ttft.observe(max(0.0, req.first_token_at - req.created_at))
-        done.finish_reason, done.error = finish_reason, error
+        completion.finish_reason, completion.error = finish_reason, error
         if event.finished:
             event.usage = req.usage()
         rid, data = req.request_id, encode(event)
@@ -392,7 +395,7 @@ class Worker:
         # first event and on each sample's last, and housekeeping refreshes it in between.
         expire = event.finished or not req.events_ttl_set
         req.events_ttl_set = True
-        self.outbox.append((rid, lambda p: (p.publish(self.names.channel(rid), data),
+        self.pending_writes.append((rid, lambda p: (p.publish(self.names.channel(rid), data),
                                             p.xadd(self.names.events(rid), {"event": data}),
                                             expire and p.expire(self.names.events(rid), self.config.result_ttl_s))))
 
@@ -410,13 +413,13 @@ class Worker:
         result = Result(request_id=rid, completions=[req.completions[i] for i in sorted(req.completions)],
                         usage=req.usage(), worker=self.config.consumer, finished_at=time.time())
         data, eid = encode(result), req.entry_id
-        self.outbox.append((rid, lambda p: (p.set(self.names.result(rid), data, ex=self.config.result_ttl_s),
+        self.pending_writes.append((rid, lambda p: (p.set(self.names.result(rid), data, ex=self.config.result_ttl_s),
                                             self._ack(p, eid), p.delete(self.names.lease(rid)))))
         first = result.completions[0]
         self._observe_finish(req, first)
         if first.finish_reason == "error" and first.error != "deadline exceeded":
             self.metrics.failed.labels("engine_error").inc()
-            self.outbox.append((rid, self._dead_letter_write(eid, rid, req.payload, first.error, 1)))
+            self.pending_writes.append((rid, self._dead_letter_write(eid, rid, req.payload, first.error, 1)))
 
     def _observe_finish(self, req: Inflight, first: Completion) -> None:
         now = time.time()
@@ -444,8 +447,8 @@ class Worker:
             result = Result(request_id=rid, completions=[req.completions[0]], usage=req.usage(),
                             worker=self.config.consumer, finished_at=time.time())
             data = encode(result)
-            self.outbox.append((rid, lambda p: p.set(self.names.result(rid), data, ex=self.config.result_ttl_s)))
-        self.outbox.append((rid, self._dead_letter_write(entry_id, rid, payload, reason, deliveries)))
+            self.pending_writes.append((rid, lambda p: p.set(self.names.result(rid), data, ex=self.config.result_ttl_s)))
+        self.pending_writes.append((rid, self._dead_letter_write(entry_id, rid, payload, reason, deliveries)))
         log.warning("dead-lettered %s (request %s): %s", entry_id, rid, reason)
 
     def _dead_letter_write(self, entry_id: str, rid: str | None, payload: bytes, reason: str, deliveries: int):
@@ -476,23 +479,20 @@ class Worker:
         """Drain timed out: drop what is unfinished without acking; another worker resumes it."""
         for rid in list(self.inflight):
             self.engine.abort(rid)
-            self.outbox.append((rid, lambda p, r=rid: p.delete(self.names.lease(r))))
+            self.pending_writes.append((rid, lambda p, r=rid: p.delete(self.names.lease(r))))
             log.warning("left %s pending for another worker", rid)
         self.inflight.clear()
         self.engine.step()   # consume the abort reports
         try:
             self._flush()
         except REDIS_DOWN as exc:
-            log.error("exiting with %d unwritten writes: %s", len(self.outbox), exc)
+            log.error("exiting with %d unwritten writes: %s", len(self.pending_writes), exc)
 
 
-def _extend(done: Completion, token_ids: list[int], text: str, logprobs, texts=None) -> None:
-    done.token_ids += token_ids
-    done.text += text
-    if logprobs is not None:
-        done.logprobs = (done.logprobs or []) + logprobs
+def _merge_texts(completion: Completion, texts: dict | None) -> None:
+    """The logprob tokens' texts (for clients without the tokenizer) add up with the deltas."""
     if texts:
-        done.logprob_texts = {**(done.logprob_texts or {}), **texts}
+        completion.logprob_texts = {**(completion.logprob_texts or {}), **texts}
 
 
 def _id(entry_id) -> str:

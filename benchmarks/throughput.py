@@ -105,7 +105,7 @@ def matmul_gflops(size: int = 2048, repeats: int = 5, trials: int = 5) -> dict:
     and the native panel GEMM (the engine's float32 CPU paths, see PackedLinear), whichever is
     fastest. A roofline must be the best rate the hardware gives: on AMD hosts with AVX-512,
     MKL's sgemm reaches under half of what oneDNN does; on AVX2 hosts the panel GEMM can beat
-    both (one timing also swings by 10-20% on a shared 2-core machine)."""
+    both. One timing swings on a shared machine, hence the best of several."""
     from pravaha_core import kernels
     from pravaha_core.models.layers import PackedLinear
 
@@ -157,8 +157,8 @@ def bench_engine(reqs: list[Request], **engine_kwargs) -> dict:
     outs = engine.generate([r.prompt for r in reqs], params)
     elapsed = time.perf_counter() - started
     result = {"tokens": sum(len(o.token_ids) for o in outs), "seconds": elapsed, "steps": engine.stats.num_steps}
-    # The engine sits in reference cycles: collect it now, not during the next row (a 2 GiB
-    # cache freed mid-run cost the Redis row 8-17% on a 2-core machine).
+    # The engine sits in reference cycles: collect it now, not during the next row (freeing a
+    # large KV cache mid-run slowed the Redis row measurably).
     del engine, outs
     gc.collect()
     return result
@@ -168,7 +168,7 @@ def bench_redis(reqs: list[Request], kv_cache_bytes: int) -> dict:
     """Producer -> stream -> a worker process -> channels, on an embedded redis-server."""
     from producer import Client
 
-    from .embedded import EmbeddedRedis
+    from worker.embedded import EmbeddedRedis
 
     with EmbeddedRedis() as url:
         env = dict(os.environ, PYTHONUNBUFFERED="1")
