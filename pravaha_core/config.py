@@ -52,6 +52,7 @@ class EngineConfig:
     enable_prefix_caching: bool = True
     quantization: str | None = None
     attention_backend: str = "auto"
+    cuda_graphs: bool = True         # CUDA: decode steps replayed from graphs (needs the triton backend)
 
     def __post_init__(self) -> None:
         if not isinstance(self.model, str) or not self.model:

@@ -7,6 +7,7 @@ import torch
 from . import kernels
 from .attention import AttentionSpec, StepLayout, select_backend
 from .config import EngineConfig
+from .cuda_graphs import DecodeGraphs
 from .loader import DTYPES, LoadedModel
 from .sampler import sample
 from .sampling_rows import SamplingRows
@@ -43,12 +44,21 @@ class ModelRunner:
                              getattr(m, "attention_softcap", None) is not None)
         self.attention = select_backend(config.attention_backend, spec, native)
         self.sampling_rows = SamplingRows(self.device, m.vocab_size, config.max_num_seqs)
+        self.decode_graphs = None
+        if config.cuda_graphs and self.device.type == "cuda" and self.attention.name == "triton":
+            max_blocks = -(-loaded.max_model_len // self.block_size)
+            self.decode_graphs = DecodeGraphs(self, config.max_num_seqs, max_blocks, capture=True)
 
     @torch.inference_mode()
     def execute(self, plan: SchedulerOutput) -> ModelRunnerOutput:
         chunks = sorted(plan.chunks, key=lambda c: c.num_tokens > 1)  # decode group first (stable)
-        input_ids, positions, meta, last_index = self._prepare(chunks)
-        hidden = self.model(input_ids, positions, meta, self.kv_caches)
+        input_ids, layout = self._prepare(chunks)
+        if self.decode_graphs is not None and self.decode_graphs.fits(layout):
+            hidden = self.decode_graphs.run(input_ids, layout)
+        else:
+            meta = self.attention.build_metadata(layout)
+            hidden = self.model(input_ids, layout.positions.to(self.device), meta, self.kv_caches)
+        last_index = (layout.offsets + layout.lens - 1).tolist()
         sampling = [c.seq for c in chunks if c.samples]
         if not sampling:
             return ModelRunnerOutput({})
@@ -62,15 +72,12 @@ class ModelRunner:
                     logprobs[seq.seq_id] = _top(entry, seq.params.logprobs, token)
         return ModelRunnerOutput({s.seq_id: t for s, t in zip(sampling, out.token_ids)}, logprobs)
 
-    def _prepare(self, chunks: list[ScheduledChunk]):
-        """(input ids [T], positions [T], attention metadata, each chunk's last row)."""
-        dev = self.device
+    def _prepare(self, chunks: list[ScheduledChunk]) -> tuple[torch.Tensor, StepLayout]:
+        """(input ids [T] on the device, the step's layout on the host)."""
         ids = [t for c in chunks for t in c.seq.token_ids[c.start:c.start + c.num_tokens]]
         layout = StepLayout.build([c.num_tokens for c in chunks], [c.start for c in chunks],
                                   [c.seq.block_table for c in chunks], self.block_size)
-        meta = self.attention.build_metadata(layout)
-        last_index = (layout.offsets + layout.lens - 1).tolist()
-        return torch.tensor(ids, device=dev), layout.positions.to(dev), meta, last_index
+        return torch.tensor(ids, device=self.device), layout
 
 
 def _top(entry: dict[int, float], k: int, token: int) -> dict[int, float]:
