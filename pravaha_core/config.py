@@ -52,6 +52,8 @@ class EngineConfig:
     attention_backend: auto (triton on CUDA, cpu on the CPU, where they work; else torch),
       torch (SDPA over gathered blocks, the reference), cpu (the native C++ kernels) or triton
       (one paged flash-attention kernel; CUDA, or TRITON_INTERPRET=1 on the CPU).
+    cuda_graphs: CUDA: decode steps replayed from CUDA graphs captured at start-up (needs the
+      triton backend); off: every step eager (vLLM's enforce_eager).
     """
 
     model: str = "dummy:llama-tiny"
@@ -73,6 +75,7 @@ class EngineConfig:
     enable_prefix_caching: bool = True
     quantization: str | None = None
     attention_backend: str = "auto"
+    cuda_graphs: bool = True
 
     def __post_init__(self) -> None:
         if not isinstance(self.model, str) or not self.model:
@@ -99,8 +102,9 @@ class EngineConfig:
         for name in ("native_kernels", "enable_prefix_caching"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name}: must be a bool, got {getattr(self, name)!r}")
-        if not isinstance(self.huge_pages, bool):
-            raise ValueError(f"huge_pages: must be a bool, got {self.huge_pages!r}")
+        for name in ("huge_pages", "cuda_graphs"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name}: must be a bool, got {getattr(self, name)!r}")
         if not isinstance(self.kernel_march, str) or not self.kernel_march.replace("-", "").replace("_", "").isalnum():
             raise ValueError(f"kernel_march: {self.kernel_march!r} is not a -march value")
         if self.attention_backend not in ATTENTION_BACKENDS:

@@ -202,7 +202,7 @@ class Engine:
     def _report(self, request_id: str, seqs: list[Sequence]) -> RequestOutput:
         req = self._requests[request_id]
         completions = []
-        for seq in sorted(seqs, key=lambda s: s.index):
+        for seq in (sorted(seqs, key=lambda s: s.index) if len(seqs) > 1 else seqs):
             stream = req.streams[seq.index]
             if seq.is_finished:
                 stream.absorb()   # flush text held back by the detokenizer

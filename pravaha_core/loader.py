@@ -65,6 +65,8 @@ def load_model(config: EngineConfig, cpu: kernels.CpuPlatform | None = None) -> 
     packed = spec is not None and spec.method in ("gptq", "awq")
     dtype = DTYPES[config.dtype]
     native = cpu.native if cpu is not None and dtype == torch.float32 else None
+    if torch.device(config.device).type == "cuda":
+        native = _triton_ops(torch.device(config.device), dtype)
     torch.manual_seed(config.seed)
     with torch.device(config.device):
         model = cls(hf_config, max_len, native)
@@ -93,6 +95,20 @@ def load_model(config: EngineConfig, cpu: kernels.CpuPlatform | None = None) -> 
             log.info("weights on transparent huge pages: %d MiB", moved >> 20)
     model.eval()
     return LoadedModel(model, tokenizer, hf_config, max_len, spec)
+
+
+def _triton_ops(device: torch.device, dtype: torch.dtype):
+    """The fused Triton ops for the layers on CUDA, where Triton works; else None (plain torch)."""
+    try:
+        from .triton_ops import TritonOps, self_check
+    except ImportError as exc:
+        log.info("fused Triton ops off: %s", exc)
+        return None
+    reason = self_check(device, dtype)
+    if reason:
+        log.warning("fused Triton ops off: %s", reason)
+        return None
+    return TritonOps()
 
 
 def _preset(spec: str) -> dict:

@@ -7,8 +7,10 @@ import torch
 from . import kernels
 from .attention import AttentionSpec, StepLayout, select_backend
 from .config import EngineConfig
+from .cuda_graphs import DecodeGraphs
 from .loader import DTYPES, LoadedModel
-from .sampler import PenaltyInputs, SamplingBatch, sample
+from .sampler import sample
+from .sampling_rows import SamplingRows
 from .scheduler import ModelRunnerOutput, ScheduledChunk, SchedulerOutput
 from .sequence import Sequence
 
@@ -41,18 +43,28 @@ class ModelRunner:
                              DTYPES[config.dtype], cache_dtype, frozenset(m.sliding_windows),
                              any(getattr(layer, "softcap", None) is not None for layer in m.modules()))
         self.attention = select_backend(config.attention_backend, spec, native)
+        self.sampling_rows = SamplingRows(self.device, m.vocab_size, config.max_num_seqs)
+        self.decode_graphs = None
+        if config.cuda_graphs and self.device.type == "cuda" and self.attention.name == "triton":
+            max_blocks = -(-loaded.max_model_len // self.block_size)
+            self.decode_graphs = DecodeGraphs(self, config.max_num_seqs, max_blocks, capture=True)
 
     @torch.inference_mode()
     def execute(self, plan: SchedulerOutput) -> ModelRunnerOutput:
         chunks = sorted(plan.chunks, key=lambda c: c.num_tokens > 1)  # decode group first (stable)
-        input_ids, positions, meta, last_index = self._prepare(chunks)
-        hidden = self.model(input_ids, positions, meta, self.kv_caches)
+        input_ids, layout = self._prepare(chunks)
+        if self.decode_graphs is not None and self.decode_graphs.fits(layout):
+            hidden = self.decode_graphs.run(input_ids, layout)
+        else:
+            meta = self.attention.build_metadata(layout)
+            hidden = self.model(input_ids, layout.positions.to(self.device), meta, self.kv_caches)
+        last_index = (layout.offsets + layout.lens - 1).tolist()
         sampling = [c.seq for c in chunks if c.samples]
         if not sampling:
             return ModelRunnerOutput({})
         rows = torch.tensor([last_index[i] for i, c in enumerate(chunks) if c.samples], device=self.device)
         logits = self.model.compute_logits(hidden[rows])                       # [N, V]
-        out = sample(logits, self._sampling_batch(sampling, logits.shape[-1]))
+        out = sample(logits, self.sampling_rows.batch(sampling, self.eos_token_ids))
         logprobs = {}
         if out.logprobs is not None:
             for seq, token, entry in zip(sampling, out.token_ids, out.logprobs):
@@ -60,53 +72,12 @@ class ModelRunner:
                     logprobs[seq.seq_id] = _top(entry, seq.params.logprobs, token)
         return ModelRunnerOutput({s.seq_id: t for s, t in zip(sampling, out.token_ids)}, logprobs)
 
-    def _sampling_batch(self, seqs: list[Sequence], vocab: int) -> SamplingBatch:
-        """Per-row tensors for the sampler; the penalty inputs only when some row asks."""
-        dev = self.device
-        params = [s.params for s in seqs]
-        asked = [p.logprobs for p in params if p.logprobs is not None]
-        suppress = [(row, tok) for row, s in enumerate(seqs) if s.num_output_tokens < s.params.min_tokens
-                    for tok in _stop_ids(s.params, self.eos_token_ids) if tok < vocab]
-        return SamplingBatch(
-            temperature=torch.tensor([p.temperature for p in params], device=dev),
-            top_k=torch.tensor([p.top_k if p.top_k > 0 else vocab for p in params], device=dev),
-            top_p=torch.tensor([p.top_p for p in params], device=dev),
-            min_p=torch.tensor([p.min_p for p in params], device=dev),
-            seed_keys=torch.tensor([s.seed_key for s in seqs], device=dev),
-            positions=torch.tensor([s.num_output_tokens for s in seqs], device=dev),
-            all_greedy=all(p.greedy for p in params),
-            needs_truncation=any(p.truncates and not p.greedy for p in params),
-            penalties=self._penalties(seqs, vocab) if any(p.penalizes for p in params) else None,
-            suppress=torch.tensor(suppress, device=dev) if suppress else None,
-            max_logprobs=max(asked) if asked else None)
-
-    def _penalties(self, seqs: list[Sequence], vocab: int) -> PenaltyInputs:
-        def padded(lists: list[list[int]]) -> torch.Tensor:
-            width = max(1, max(map(len, lists)))
-            return torch.tensor([ids + [vocab] * (width - len(ids)) for ids in lists], device=self.device)
-
-        params = [s.params for s in seqs]
-        return PenaltyInputs(
-            repetition=torch.tensor([p.repetition_penalty for p in params], device=self.device),
-            presence=torch.tensor([p.presence_penalty for p in params], device=self.device),
-            frequency=torch.tensor([p.frequency_penalty for p in params], device=self.device),
-            prompt_ids=padded([s.prompt_token_ids for s in seqs]),
-            output_ids=padded([s.output_token_ids for s in seqs]))
-
-    def _prepare(self, chunks: list[ScheduledChunk]):
-        """(input ids [T], positions [T], attention metadata, each chunk's last row)."""
-        dev = self.device
+    def _prepare(self, chunks: list[ScheduledChunk]) -> tuple[torch.Tensor, StepLayout]:
+        """(input ids [T] on the device, the step's layout on the host)."""
         ids = [t for c in chunks for t in c.seq.token_ids[c.start:c.start + c.num_tokens]]
         layout = StepLayout.build([c.num_tokens for c in chunks], [c.start for c in chunks],
                                   [c.seq.block_table for c in chunks], self.block_size)
-        meta = self.attention.build_metadata(layout)
-        last_index = (layout.offsets + layout.lens - 1).tolist()
-        return torch.tensor(ids, device=dev), layout.positions.to(dev), meta, last_index
-
-
-def _stop_ids(params, eos_token_ids: list[int]) -> list[int]:
-    """Tokens that would end generation: suppressed while min_tokens is not reached."""
-    return params.stop_token_ids + ([] if params.ignore_eos else eos_token_ids)
+        return torch.tensor(ids, device=self.device), layout
 
 
 def _top(entry: dict[int, float], k: int, token: int) -> dict[int, float]:

@@ -30,8 +30,8 @@ class CompletionStream:
         seq, params = self.seq, self.seq.params
         if self.stopped_by_string:
             return False
-        new_ids = seq.output_token_ids[self.num_decoded:]
-        self.num_decoded = seq.num_output_tokens
+        new_ids = seq.token_ids[seq.num_prompt_tokens + self.num_decoded:]   # no copy of the whole output
+        self.num_decoded += len(new_ids)
         before = len(self.text)
         self.text += self.detok.add(new_ids) if new_ids else ""
         if seq.is_finished:
@@ -53,8 +53,8 @@ class CompletionStream:
         end = len(self.text) if done else len(self.text) - self._held_back()
         text = self.text[self.num_sent_chars:end]
         self.num_sent_chars = max(self.num_sent_chars, end)
-        token_ids = seq.output_token_ids[self.num_sent_tokens:]
-        self.num_sent_tokens = seq.num_output_tokens
+        token_ids = seq.token_ids[seq.num_prompt_tokens + self.num_sent_tokens:]
+        self.num_sent_tokens += len(token_ids)
         logprobs, self.pending_logprobs = self.pending_logprobs, []
         return CompletionOutput(seq.index, token_ids, text, seq.finish_reason, seq.error,
                                 logprobs if seq.params.logprobs is not None else None)

@@ -18,14 +18,15 @@ M32 = 0xFFFFFFFF
 
 @dataclass
 class SamplingBatch:
-    """Per-row sampling inputs, built by the runner. Shapes: [N] unless said."""
+    """Per-row sampling inputs, built by the runner. Shapes: [N] unless said; the per-row
+    parameters are None when every row is greedy (argmax needs none of them)."""
 
-    temperature: torch.Tensor          # float; 0 marks greedy rows
-    top_k: torch.Tensor                # long; V when off
-    top_p: torch.Tensor                # float
-    min_p: torch.Tensor                # float
-    seed_keys: torch.Tensor            # long, < 2**32
-    positions: torch.Tensor            # long: output index of the token being drawn
+    temperature: torch.Tensor | None   # float; 0 marks greedy rows
+    top_k: torch.Tensor | None         # long; V when off
+    top_p: torch.Tensor | None         # float
+    min_p: torch.Tensor | None         # float
+    seed_keys: torch.Tensor | None     # long, < 2**32
+    positions: torch.Tensor | None     # long: output index of the token being drawn
     all_greedy: bool
     needs_truncation: bool             # any row with top-k / top-p / min-p
     penalties: PenaltyInputs | None = None

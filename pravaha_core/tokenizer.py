@@ -99,15 +99,19 @@ class IncrementalDetokenizer:
         self.prefix_offset = 0
         self.read_offset = len(self.ids)
         self.text = ""
+        self._prefix: str | None = None     # decode of ids[prefix_offset:read_offset], kept while they stand
 
     def add(self, new_ids: list[int]) -> str:
         self.ids.extend(new_ids)
-        prefix = self.tokenizer.decode(self.ids[self.prefix_offset:self.read_offset], self.skip)
+        if self._prefix is None:
+            self._prefix = self.tokenizer.decode(self.ids[self.prefix_offset:self.read_offset], self.skip)
+        prefix = self._prefix
         full = self.tokenizer.decode(self.ids[self.prefix_offset:], self.skip)
         if len(full) <= len(prefix) or full.endswith("\ufffd"):
             return ""
         delta = full[len(prefix):]
         self.prefix_offset, self.read_offset = self.read_offset, len(self.ids)
+        self._prefix = None
         self.text += delta
         return delta
 
@@ -117,5 +121,6 @@ class IncrementalDetokenizer:
         full = self.tokenizer.decode(self.ids[self.prefix_offset:], self.skip)
         delta = full[len(prefix):] if len(full) > len(prefix) else ""
         self.prefix_offset = self.read_offset = len(self.ids)
+        self._prefix = None
         self.text += delta
         return delta

@@ -103,6 +103,11 @@ class TritonBackend(AttentionBackend):
         few = num_seqs * self.spec.num_kv_heads < SPLIT_MAX_PROGRAMS
         return NUM_SEGMENTS if max_query_len == 1 and few and max_seq_len >= SPLIT_MIN_CONTEXT else 1
 
+    def graph_segments(self, num_seqs: int) -> int:
+        """Split-KV for a captured decode graph of `num_seqs` rows, whose contexts vary from
+        replay to replay: decided by the batch size alone (empty segments cost little)."""
+        return NUM_SEGMENTS if num_seqs * self.spec.num_kv_heads < SPLIT_MAX_PROGRAMS else 1
+
     def forward(self, q, k, v, k_cache, v_cache, meta: TritonMetadata, scale, window, softcap):
         self.store(k, v, k_cache, v_cache, meta.slot_mapping)
         return self.attend(q, k_cache, v_cache, meta, scale, window, softcap)

@@ -9,8 +9,8 @@ from torch import nn
 
 
 class RMSNorm(nn.Module):
-    """RMS norm computed in float32, as HF's Llama does. `native`: the compiled CPU kernels
-    module, for float32 inputs (None: plain torch)."""
+    """RMS norm computed in float32, as HF's Llama does. `native`: fused ops (the compiled CPU
+    kernels for float32 inputs, or the Triton ops on CUDA; see `fusable`), or None."""
 
     def __init__(self, hidden_size: int, eps: float, native=None):
         super().__init__()
@@ -21,9 +21,9 @@ class RMSNorm(nn.Module):
     def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None):
         """norm(x); with `residual`, (norm(residual + x), residual + x), the sum written into
         `residual` in place (the layer's residual stream, as vLLM carries it)."""
-        fast = self.native is not None and x.dtype == torch.float32 and x.dim() == 2
+        fast = fusable(self.native, x) and x.dim() == 2
         if residual is not None:
-            if fast and residual.dtype == torch.float32 and residual.is_contiguous():
+            if fast and residual.dtype == x.dtype and residual.is_contiguous():
                 return self.native.add_rms_norm_(x, residual, self.weight, self.eps), residual
             residual += x
             return self.forward(residual), residual
@@ -33,6 +33,11 @@ class RMSNorm(nn.Module):
         x = x.float()
         x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
         return self.weight * x.to(dtype)
+
+
+def fusable(ops, x: torch.Tensor) -> bool:
+    """Whether fused `ops` take `x`: the Triton ops any CUDA tensor, the CPU kernels float32."""
+    return ops is not None and (x.is_cuda or x.dtype == torch.float32)
 
 
 SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3", "dynamic", "yarn", "longrope")

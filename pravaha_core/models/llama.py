@@ -12,7 +12,7 @@ from torch import nn
 import torch.nn.functional as F
 
 from ..attention import paged_attention
-from .layers import RMSNorm, RotaryEmbedding
+from .layers import RMSNorm, RotaryEmbedding, fusable
 from .weights import load_named_weights
 
 
@@ -61,12 +61,12 @@ class LlamaAttention(nn.Module):
         self.rotary = rotary
         self.window = window
         self.scale = head_dim ** -0.5
-        self.native = native            # the compiled CPU kernels (float32 fast path), or None
+        self.native = native            # fused ops (CPU kernels or Triton ops), or None
 
     def forward(self, x, positions, meta, kv_cache):
         t = x.shape[0]
         qkv = self.qkv_proj(x)
-        fused = self.native is not None and qkv.dtype == torch.float32 and qkv.is_contiguous()
+        fused = fusable(self.native, qkv) and qkv.is_contiguous()
         if fused:                                       # rotate q and k in place, in one pass
             self.native.rotary_(qkv, positions, self.rotary.cos, self.rotary.sin,
                                self.num_heads + self.num_kv_heads, self.head_dim)
@@ -89,7 +89,7 @@ class LlamaMLP(nn.Module):
         self.inter = inter
         self.gate_up_proj = nn.Linear(hidden, 2 * inter, bias=bias)
         self.down_proj = nn.Linear(inter, hidden, bias=bias)
-        self.native = native            # the compiled CPU kernels (float32 fast path), or None
+        self.native = native            # fused ops (CPU kernels or Triton ops), or None
 
     glu_projection = "gate_up_proj"   # pack_linears may fuse silu(gate) * up into its GEMM
 
@@ -102,7 +102,7 @@ class LlamaMLP(nn.Module):
         if getattr(self.gate_up_proj, "glu", False):
             return self.down_proj(self.gate_up_proj(x))
         gate_up = self.gate_up_proj(x)
-        if self.native is not None and gate_up.dtype == torch.float32 and gate_up.dim() == 2:
+        if fusable(self.native, gate_up) and gate_up.dim() == 2:
             return self.down_proj(self.native.silu_mul(gate_up))
         gate, up = gate_up.split(self.inter, dim=-1)
         return self.down_proj(F.silu(gate) * up)
