@@ -15,6 +15,15 @@ if "TRITON_INTERPRET" not in os.environ:
 
 from tests.checkpoints import make_checkpoint  # noqa: E402
 
+# The AVX2 run of tests/test_kernel_march.py: every engine of this session builds its kernels
+# for this -march (the engine reads no environment; the test session is the entry point).
+KERNEL_MARCH = os.environ.get("PRAVAHA_KERNEL_MARCH")
+if KERNEL_MARCH:
+    from pravaha_core import kernels as _kernels
+
+    _load_native = _kernels.load_native
+    _kernels.load_native = lambda march="native": _load_native(KERNEL_MARCH)
+
 FAMILIES = ["llama", "mistral", "qwen2", "gpt2"]
 
 

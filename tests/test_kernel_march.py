@@ -13,7 +13,7 @@ import pytest
 from tests.redis_helpers import ROOT
 
 CHECK_BUILD = ("from pravaha_core import kernels\n"
-               "module = kernels.paged_decode()\n"
+               "module = kernels.load_native('haswell')\n"
                "assert module is not None, 'the haswell build failed (see the log above)'\n"
                "assert module.__name__.endswith('_haswell') and module.panel_gemm, module.__name__\n")
 

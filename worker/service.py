@@ -212,7 +212,7 @@ class Worker:
         """List our model for the gateways' GET /v1/models until MODEL_TTL_S after our last refresh."""
         now = time.time()
         pipe = self.redis.pipeline(transaction=False)
-        pipe.zadd(self.names.models, {self.config.model: now + MODEL_TTL_S})
+        pipe.zadd(self.names.models, {self.config.engine.model: now + MODEL_TTL_S})
         pipe.zremrangebyscore(self.names.models, "-inf", now)
         pipe.execute()
 
