@@ -11,6 +11,7 @@ from .loader import DTYPES, LoadedModel
 from .sampler import PenaltyInputs, SamplingBatch, sample
 from .scheduler import ModelRunnerOutput, ScheduledChunk, SchedulerOutput
 from .sequence import Sequence
+from .structured import StructuredOutputs
 
 
 def bytes_per_block(model, block_size: int, dtype: str) -> int:
@@ -21,7 +22,7 @@ def bytes_per_block(model, block_size: int, dtype: str) -> int:
 
 class ModelRunner:
     def __init__(self, loaded: LoadedModel, config: EngineConfig, num_blocks: int, eos_token_ids: set[int],
-                 cpu: kernels.CpuPlatform | None = None):
+                 cpu: kernels.CpuPlatform | None = None, structured: StructuredOutputs | None = None):
         self.model = loaded.model
         self.block_size = config.block_size
         self.device = torch.device(config.device)
@@ -41,6 +42,7 @@ class ModelRunner:
                              DTYPES[config.dtype], cache_dtype, frozenset(m.sliding_windows),
                              getattr(m, "attention_softcap", None) is not None)
         self.attention = select_backend(config.attention_backend, spec, native)
+        self.structured = structured
 
     @torch.inference_mode()
     def execute(self, plan: SchedulerOutput) -> ModelRunnerOutput:
@@ -50,9 +52,14 @@ class ModelRunner:
         sampling = [c.seq for c in chunks if c.samples]
         if not sampling:
             return ModelRunnerOutput({})
+        allowed = self.structured.bitmask(sampling) if self.structured is not None else None
         rows = torch.tensor([last_index[i] for i, c in enumerate(chunks) if c.samples], device=self.device)
         logits = self.model.compute_logits(hidden[rows])                       # [N, V]
-        out = sample(logits, self._sampling_batch(sampling, logits.shape[-1]))
+        batch = self._sampling_batch(sampling, logits.shape[-1])
+        if allowed is not None:
+            batch.bitmask = allowed[0].to(self.device, non_blocking=True)
+            batch.bitmask_rows = torch.tensor(allowed[1], device=self.device)
+        out = sample(logits, batch)
         logprobs = {}
         if out.logprobs is not None:
             for seq, token, entry in zip(sampling, out.token_ids, out.logprobs):

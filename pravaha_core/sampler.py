@@ -31,6 +31,8 @@ class SamplingBatch:
     penalties: PenaltyInputs | None = None
     suppress: torch.Tensor | None = None      # [K, 2] (row, token) pairs forced to -inf
     max_logprobs: int | None = None           # largest k among rows asking for logprobs
+    bitmask: torch.Tensor | None = None       # [K, ceil(V/32)] int32: allowed tokens of K rows
+    bitmask_rows: torch.Tensor | None = None  # [K] long: the rows `bitmask` constrains
 
 
 @dataclass
@@ -82,6 +84,15 @@ def apply_penalties(logits: torch.Tensor, pen: PenaltyInputs) -> torch.Tensor:
     return logits - pen.presence[:, None] * (out_counts > 0).float()
 
 
+def apply_token_bitmask(logits: torch.Tensor, bitmask: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """-inf where a constrained row's bit is 0 (bit j of word w is token 32w + j); logits [N, V]
+    float32, not modified; other rows are untouched."""
+    v = logits.shape[-1]
+    shifts = torch.arange(32, device=logits.device, dtype=torch.int32)
+    allowed = ((bitmask[:, :, None] >> shifts) & 1).bool().flatten(1)[:, :v]   # [K, V]
+    return logits.index_put((rows,), logits[rows].masked_fill(~allowed, float("-inf")))
+
+
 def truncated_probs(logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor,
                     min_p: torch.Tensor) -> torch.Tensor:
     """Unnormalized probabilities after top-k, top-p and min-p; [N, V]."""
@@ -99,6 +110,8 @@ def sample(logits: torch.Tensor, batch: SamplingBatch) -> SamplerOutput:
     """logits: [N, V] raw model output -> one token per row (and logprobs where asked)."""
     raw = logits.float()
     logits = raw
+    if batch.bitmask is not None:
+        logits = apply_token_bitmask(logits, batch.bitmask, batch.bitmask_rows)
     if batch.penalties is not None:
         logits = apply_penalties(logits, batch.penalties)
     if batch.suppress is not None:

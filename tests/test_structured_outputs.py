@@ -1,0 +1,123 @@
+"""Structured outputs on random-weight models: the constraint carries the whole format."""
+
+import json
+import re
+
+import jsonschema
+import pytest
+
+from pravaha_core import Engine, SamplingParams
+from producer import openai_api
+
+SCHEMA = {
+    "type": "object",
+    "properties": {
+        "name": {"type": "string", "maxLength": 5},
+        "age": {"type": "integer", "minimum": 0, "maximum": 120},
+        "tags": {"type": "array", "items": {"enum": ["red", "green", "blue"]}, "maxItems": 3},
+        "address": {"type": "object",
+                    "properties": {"zip": {"type": "integer", "minimum": 10000, "maximum": 99999},
+                                   "kind": {"enum": ["home", "work"]}},
+                    "required": ["zip", "kind"]},
+        "contact": {"anyOf": [{"type": "integer", "minimum": -5, "maximum": 5},
+                              {"type": "boolean"}, {"type": "null"}]},
+    },
+    "required": ["name", "age", "tags", "address", "contact"],
+}
+# Strings of random bytes may need \uXXXX escapes: 6 tokens per character at worst.
+MAX_TOKENS = 240
+
+
+@pytest.fixture(scope="module")
+def engine():
+    return Engine("dummy:llama-tiny", kv_cache_bytes=1 << 24)
+
+
+@pytest.fixture(scope="module")
+def hf_engine(checkpoint):
+    return Engine(checkpoint("llama"), kv_cache_bytes=1 << 23)
+
+
+def constrained(spec: dict, seed: int, **kw) -> SamplingParams:
+    return SamplingParams(max_tokens=kw.pop("max_tokens", MAX_TOKENS), seed=seed, structured_outputs=spec, **kw)
+
+
+def check_json(outputs, schema=SCHEMA) -> None:
+    for out in outputs:
+        for c in out.outputs:
+            assert c.finish_reason == "stop", (c.finish_reason, c.text)
+            jsonschema.validate(json.loads(c.text), schema)
+
+
+@pytest.mark.parametrize("which", ["dummy", "hf"])
+def test_json_schema_outputs_validate(which, request):
+    eng = request.getfixturevalue("engine" if which == "dummy" else "hf_engine")
+    outs = eng.generate(["Fill in the record: "] * 20, [constrained({"json": SCHEMA}, s) for s in range(20)])
+    check_json(outs)
+    assert len({o.outputs[0].text for o in outs}) > 10      # sampled, not one forced answer
+
+
+def test_schema_as_string_and_json_object(engine):
+    outs = engine.generate(["a", "b"], [constrained({"json": json.dumps(SCHEMA)}, 1),
+                                        constrained({"json_object": True}, 2, max_tokens=400)])
+    check_json(outs[:1])
+    c = outs[1].outputs[0]
+    # Any JSON object may nest without bound; a finished one parses, a cut one is a prefix of one.
+    if c.finish_reason == "stop":
+        assert isinstance(json.loads(c.text), dict)
+    assert c.text.startswith("{")
+
+
+def test_regex_choice_and_grammar(engine):
+    regex = r"[a-z]{2,6}@(mail|post)\.(com|org)"
+    choices = ["yes", "no", "maybe so"]
+    grammar = 'root ::= "(" expr ")"\nexpr ::= num | num "+" num\nnum ::= [1-9] [0-9]?'
+    params = ([constrained({"regex": regex}, s) for s in range(20)]
+              + [constrained({"choice": choices}, s) for s in range(20)]
+              + [constrained({"grammar": grammar}, s) for s in range(20)])
+    outs = engine.generate(["x"] * 60, params)
+    texts = [o.outputs[0].text for o in outs]
+    assert all(o.outputs[0].finish_reason == "stop" for o in outs)
+    assert all(re.fullmatch(regex, t) for t in texts[:20]), texts[:20]
+    assert all(t in choices for t in texts[20:40]) and len(set(texts[20:40])) > 1, texts[20:40]
+    assert all(re.fullmatch(r"\([1-9][0-9]?(\+[1-9][0-9]?)?\)", t) for t in texts[40:]), texts[40:]
+
+
+@pytest.mark.parametrize("spec, words", [
+    ({"json": {"type": "nonsense"}}, ["json", "nonsense"]),
+    ({"json": "{not json"}, ["json", "not valid JSON"]),
+    ({"json": {"$ref": "#/definitions/missing"}}, ["json", "missing"]),
+    ({"regex": "(ab"}, ["regex", "parenthesis"]),
+    ({"grammar": "root ::= undefined_rule"}, ["grammar", "undefined_rule"]),
+    ({"choice": []}, ["choice"]),
+    ({"json_object": 1}, ["json_object"]),
+    ({"regex": "a", "choice": ["a"]}, ["exactly one"]),
+    ({"xml": "<a/>"}, ["xml", "unknown"]),
+    ("json", ["mapping"]),
+])
+def test_bad_specs_raise_naming_the_problem(spec, words):
+    with pytest.raises(ValueError) as err:
+        SamplingParams(structured_outputs=spec)
+    assert all(w in str(err.value) for w in words), str(err.value)
+
+
+def test_response_format_maps_onto_structured_outputs():
+    fmt = {"type": "json_schema", "json_schema": {"name": "rec", "schema": SCHEMA}}
+    assert SamplingParams.from_dict({"response_format": fmt}).structured_outputs == {"json": SCHEMA}
+    assert SamplingParams.from_dict({"response_format": {"type": "json_object"}}).structured_outputs == {
+        "json_object": True}
+    assert SamplingParams.from_dict({"response_format": {"type": "text"}}).structured_outputs is None
+    for bad in ({"type": "yaml"}, {"type": "json_schema"}, "json"):
+        with pytest.raises(ValueError, match="response_format"):
+            SamplingParams.from_dict({"response_format": bad})
+
+
+def test_grammar_end_finishes_with_stop_and_cache_hits():
+    eng = Engine("dummy:llama-tiny", kv_cache_bytes=1 << 22)
+    outs = eng.generate(["q"] * 3, [constrained({"choice": ["alpha", "beta"]}, s, ignore_eos=True) for s in range(3)])
+    assert all(o.outputs[0].finish_reason == "stop" and o.outputs[0].text in ("alpha", "beta") for o in outs)
+    stats = eng.stats
+    assert stats.num_grammars_compiled == 1 and stats.num_grammar_cache_hits == 2
+    assert stats.grammar_compile_time_s > 0
+    eng.generate(["q"], [constrained({"choice": ["alpha", "beta"]}, 9)])
+    assert eng.stats.num_grammars_compiled == 1 and eng.stats.num_grammar_cache_hits == 3
