@@ -121,3 +121,51 @@ def test_grammar_end_finishes_with_stop_and_cache_hits():
     assert stats.grammar_compile_time_s > 0
     eng.generate(["q"], [constrained({"choice": ["alpha", "beta"]}, 9)])
     assert eng.stats.num_grammars_compiled == 1 and eng.stats.num_grammar_cache_hits == 3
+
+
+def test_mixed_batch_leaves_free_rows_alone(engine):
+    free = [SamplingParams(max_tokens=24, seed=s, temperature=t) for s, t in ((1, 1.0), (2, 0.0), (3, 0.7))]
+    alone = engine.generate(["p one", "p two", "p three"], free)
+    cons = [constrained({"json": SCHEMA}, 0), constrained({"regex": "[a-z]{20,30}"}, 1),
+            constrained({"choice": ["yes", "no"]}, 2)]
+    mixed = engine.generate(["c", "p one", "p two", "c", "p three", "c"], cons[:1] + free[:2] + cons[1:2] + free[2:] + cons[2:])
+    assert [mixed[i].outputs[0].token_ids for i in (1, 2, 4)] == [o.outputs[0].token_ids for o in alone]
+    check_json(mixed[:1])
+    assert re.fullmatch("[a-z]{20,30}", mixed[3].outputs[0].text) and mixed[5].outputs[0].text in ("yes", "no")
+
+
+def test_seeded_constrained_request_is_batch_invariant(engine):
+    p = constrained({"json": SCHEMA}, 42)
+    alone = engine.generate(["record"], [p])[0]
+    others = [constrained({"regex": "[0-9]{3,9}"}, s) for s in range(3)] + [SamplingParams(max_tokens=30, seed=7)]
+    batched = engine.generate(["x", "y", "record", "z", "w"], others[:2] + [p] + others[2:])[2]
+    assert batched.outputs[0].token_ids == alone.outputs[0].token_ids
+    check_json([alone])
+
+
+def test_n_samples_each_follow_the_grammar(engine):
+    outs = engine.generate(["a", "b"], [constrained({"json": SCHEMA}, s, n=3) for s in (5, 6)])
+    assert all(len(o.outputs) == 3 for o in outs)
+    check_json(outs)
+    assert len({c.text for o in outs for c in o.outputs}) == 6
+
+
+def test_stop_string_ends_a_constrained_request(engine):
+    regex = "[a-z]{6,12}"
+    outs = engine.generate(["s"] * 20, [constrained({"regex": regex}, s, stop=["e"]) for s in range(20)])
+    texts = [o.outputs[0].text for o in outs]
+    assert all(o.outputs[0].finish_reason == "stop" for o in outs)
+    assert all("e" not in t and re.fullmatch("[a-z]*", t) for t in texts)
+    cut = [t for t in texts if not re.fullmatch(regex, t)]
+    assert cut and len(cut) < 20, texts     # some cut by the stop string, some by the grammar
+
+
+def test_preemption_mid_json_recomputes_the_same_valid_output(engine):
+    params = [constrained({"json": SCHEMA}, s) for s in range(8)]
+    ample = engine.generate(["Fill in: "] * 8, params)
+    blocks_per_request = (9 + MAX_TOKENS) // 16 + 1
+    tight = Engine("dummy:llama-tiny", kv_cache_bytes=engine.bytes_per_block * blocks_per_request * 2)
+    outs = tight.generate(["Fill in: "] * 8, params)
+    assert tight.stats.num_preemptions > 0
+    check_json(outs)
+    assert [o.outputs[0].token_ids for o in outs] == [o.outputs[0].token_ids for o in ample]
