@@ -169,3 +169,52 @@ def test_preemption_mid_json_recomputes_the_same_valid_output(engine):
     assert tight.stats.num_preemptions > 0
     check_json(outs)
     assert [o.outputs[0].token_ids for o in outs] == [o.outputs[0].token_ids for o in ample]
+
+
+def test_openai_body_response_format_becomes_structured_outputs():
+    fmt = {"type": "json_schema", "json_schema": {"name": "rec", "schema": SCHEMA, "strict": True}}
+    parsed = openai_api.parse_body(openai_api.CHAT, {"messages": [{"role": "user", "content": "hi"}],
+                                                    "response_format": fmt})
+    assert parsed.params["structured_outputs"] == {"json": SCHEMA}
+    parsed = openai_api.parse_body(openai_api.COMPLETIONS, {"prompt": "x", "structured_outputs": {"regex": "a+"}})
+    assert parsed.params["structured_outputs"] == {"regex": "a+"}
+    for bad, word in [({"type": "json_schema", "json_schema": {"schema": {"type": "nonsense"}}}, "nonsense"),
+                      ({"type": "xml"}, "xml")]:
+        with pytest.raises(openai_api.RequestError) as err:
+            openai_api.parse_body(openai_api.COMPLETIONS, {"prompt": "x", "response_format": bad})
+        assert word in err.value.message and err.value.param in ("response_format", "structured_outputs")
+
+
+def test_bulk_file_with_response_format_lines(tmp_path):
+    from tests.test_bulk import bulk, by_line, check_completion_line, check_error_line, completion, read_output, \
+        write_jsonl
+
+    fmt = {"type": "json_schema", "json_schema": {"name": "rec", "schema": SCHEMA}}
+    lines = [completion(f"json-{i}", f"record {i}", MAX_TOKENS, temperature=1.0, seed=i, response_format=fmt)
+             for i in range(3)]
+    lines += [completion("object", "any object", 200, seed=3, temperature=1.0, response_format={"type": "json_object"}),
+              completion("bad", "x", 8, response_format={"type": "json_schema", "json_schema": {"schema": {"type": 3}}}),
+              completion("free", "plain text", 8)]
+    write_jsonl(tmp_path / "in.jsonl", lines)
+    bulk(tmp_path, tmp_path / "in.jsonl", "--out", tmp_path / "out.jsonl", timeout=240)
+    got = by_line(read_output(tmp_path / "out.jsonl"), len(lines))
+    for i in range(3):
+        choice = check_completion_line(got[i], f"json-{i}", MAX_TOKENS)["choices"][0]
+        assert choice["finish_reason"] == "stop"
+        jsonschema.validate(json.loads(choice["text"]), SCHEMA)
+    assert check_completion_line(got[3], "object", 200)["choices"][0]["text"].startswith("{")
+    check_error_line(got[4], "bad", "invalid_request", "json")
+    check_completion_line(got[5], "free", 8)
+
+
+def test_job_carries_response_format_as_structured_outputs():
+    from producer.client import build_job
+    from producer.wire import Job, decode, encode
+
+    fmt = {"type": "json_schema", "json_schema": {"name": "rec", "schema": SCHEMA}}
+    job = decode(encode(build_job("p", {"response_format": fmt}, None, 0, None)), Job)
+    assert job.params["structured_outputs"] == {"json": SCHEMA} and "response_format" not in job.params
+    # A job written by another producer with OpenAI's field in its params still decodes and maps.
+    raw = Job(request_id="r1", prompt="p", params={"response_format": {"type": "json_object"}}, created_at=0.0)
+    params = SamplingParams.from_dict(decode(encode(raw), Job).params)
+    assert params.structured_outputs == {"json_object": True}
