@@ -299,8 +299,6 @@ def _up(url: str) -> bool:
 
 
 def test_response_format_json_schema_and_its_400(stack, oai):
-    import json
-
     import jsonschema
 
     schema = {"type": "object", "properties": {"answer": {"enum": ["yes", "no"]},
@@ -311,6 +309,12 @@ def test_response_format_json_schema_and_its_400(stack, oai):
                                       max_tokens=40, seed=3, response_format=fmt)
     assert got.choices[0].finish_reason == "stop"
     jsonschema.validate(json.loads(got.choices[0].message.content), schema)
+    again = oai.chat.completions.create(model=stack.model, messages=[{"role": "user", "content": "Again"}],
+                                        max_tokens=40, seed=4, response_format=fmt)
+    jsonschema.validate(json.loads(again.choices[0].message.content), schema)
+    worker = get(f"http://127.0.0.1:{stack.metrics_port}/metrics")[1].decode()
+    assert metric(worker, "pravaha_grammar_compiles_total") == 1 and metric(worker, "pravaha_grammar_cache_hits_total") == 1
+    assert metric(worker, "pravaha_grammar_compile_seconds_total") > 0
     with pytest.raises(openai.BadRequestError) as err:
         oai.chat.completions.create(model=stack.model, messages=[{"role": "user", "content": "hi"}],
                                     response_format={"type": "json_schema",
