@@ -57,8 +57,7 @@ class ModelRunner:
         logits = self.model.compute_logits(hidden[rows])                       # [N, V]
         batch = self._sampling_batch(sampling, logits.shape[-1])
         if allowed is not None:
-            batch.bitmask = allowed[0].to(self.device, non_blocking=True)
-            batch.bitmask_rows = torch.tensor(allowed[1], device=self.device)
+            batch.bitmask, batch.bitmask_rows = allowed[0].to(self.device, non_blocking=True), allowed[1]
         out = sample(logits, batch)
         logprobs = {}
         if out.logprobs is not None:

@@ -141,7 +141,7 @@ class StructuredOutputs:
         self._lock = threading.Lock()
         self._cache: dict[str, Future] = {}          # spec key -> Future[CompiledGrammar], LRU order
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="grammar-compile")
-        self._matchers: dict[int, tuple[Any, int]] = {}   # seq_id -> (matcher, output tokens accepted)
+        self._matchers: dict[int, list] = {}         # seq_id -> [matcher, output tokens accepted]
         self._grammars: dict[str, Any] = {}          # request_id -> CompiledGrammar
 
     def submit(self, spec: dict[str, Any]) -> Future:
@@ -178,18 +178,18 @@ class StructuredOutputs:
         return seq.request_id in self._grammars
 
     def bitmask(self, seqs: list) -> tuple[Any, list[int]] | None:
-        """(int32 bitmask [K, ceil(V/32)] on the host, its K row indices in `seqs`) for the
-        constrained rows, or None when no row is constrained."""
+        """(the int32 token bitmask [len(seqs), ceil(V/32)] on the host, filled for the
+        constrained rows only, the others all ones; those rows), or None when no row is constrained."""
         import xgrammar as xgr
 
         rows = [i for i, s in enumerate(seqs) if s.request_id in self._grammars]
         if not rows:
             return None
-        mask = xgr.allocate_token_bitmask(len(rows), self.vocab_size)
-        for k, i in enumerate(rows):
+        mask = xgr.allocate_token_bitmask(len(seqs), self.vocab_size)
+        for i in rows:
             matcher = self._matcher(seqs[i])
             if matcher is not None:   # a refused token (a bad output_prefix): `advance` ends it
-                matcher.fill_next_token_bitmask(mask, k)
+                matcher.fill_next_token_bitmask(mask, i)
         return mask, rows
 
     def advance(self, seq) -> str | None:
@@ -204,15 +204,17 @@ class StructuredOutputs:
 
     def _matcher(self, seq):
         """The sequence's matcher, caught up with its output tokens (None once one was refused)."""
-        import xgrammar as xgr
+        entry = self._matchers.get(seq.seq_id)
+        if entry is None:
+            import xgrammar as xgr
 
-        if seq.seq_id not in self._matchers:
-            self._matchers[seq.seq_id] = (xgr.GrammarMatcher(self._grammars[seq.request_id]), 0)
-        matcher, done = self._matchers[seq.seq_id]
-        for tok in seq.output_token_ids[done:]:
-            if matcher is None or matcher.is_terminated() or not matcher.accept_token(tok):
-                matcher = None
-        self._matchers[seq.seq_id] = (matcher, seq.num_output_tokens)
+            entry = self._matchers[seq.seq_id] = [xgr.GrammarMatcher(self._grammars[seq.request_id]), 0]
+        matcher, done = entry
+        if done < seq.num_output_tokens:
+            for tok in seq.token_ids[seq.num_prompt_tokens + done:]:
+                if matcher is None or not matcher.accept_token(tok):
+                    matcher = None
+            entry[0], entry[1] = matcher, seq.num_output_tokens
         return matcher
 
     def release(self, request_id: str, seq_ids: list[int]) -> None:

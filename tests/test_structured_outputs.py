@@ -218,3 +218,25 @@ def test_job_carries_response_format_as_structured_outputs():
     raw = Job(request_id="r1", prompt="p", params={"response_format": {"type": "json_object"}}, created_at=0.0)
     params = SamplingParams.from_dict(decode(encode(raw), Job).params)
     assert params.structured_outputs == {"json_object": True}
+
+
+def test_bitmask_kernel_masks_only_the_constrained_rows():
+    import torch
+
+    from pravaha_core.sampler import apply_token_bitmask_
+
+    n, v = 5, 1000
+    bitmask = torch.randint(-2**31, 2**31 - 1, (n, (v + 31) // 32), dtype=torch.int32)
+    logits = torch.randn(n, v)
+    got = logits.clone()
+    apply_token_bitmask_(got, bitmask, [1, 3])
+    allowed = ((bitmask[:, :, None] >> torch.arange(32, dtype=torch.int32)) & 1).bool().flatten(1)[:, :v]
+    want = logits.clone()
+    want[[1, 3]] = logits[[1, 3]].masked_fill(~allowed[[1, 3]], float("-inf"))
+    assert torch.equal(got, want)
+
+
+def test_constrained_logprobs_come_from_the_unmasked_logits(engine):
+    out = engine.generate(["q"], [constrained({"choice": ["yes", "no"]}, 1, logprobs=3)])[0].outputs[0]
+    assert out.text in ("yes", "no") and len(out.logprobs) == len(out.token_ids)
+    assert all(len(entry) >= 3 and all(lp > float("-inf") for lp in entry.values()) for entry in out.logprobs)
