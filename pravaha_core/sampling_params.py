@@ -80,6 +80,8 @@ class SamplingParams:
             from . import structured
 
             self.structured_outputs = structured.validate(self.structured_outputs)
+            if self.min_tokens:   # it would suppress the EOS a finished grammar allows alone
+                raise ValueError("min_tokens: not supported with structured_outputs (the grammar decides the end)")
 
     @property
     def greedy(self) -> bool:

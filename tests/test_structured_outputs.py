@@ -240,3 +240,35 @@ def test_constrained_logprobs_come_from_the_unmasked_logits(engine):
     out = engine.generate(["q"], [constrained({"choice": ["yes", "no"]}, 1, logprobs=3)])[0].outputs[0]
     assert out.text in ("yes", "no") and len(out.logprobs) == len(out.token_ids)
     assert all(len(entry) >= 3 and all(lp > float("-inf") for lp in entry.values()) for entry in out.logprobs)
+
+
+def test_readme_example_runs_as_written():
+    from tests.test_readme import code_blocks, run_python
+
+    block = next(b for b in code_blocks("python") if "structured_outputs" in b)
+    result = run_python(block)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip().endswith("stop") and "'age':" in result.stdout
+
+
+def test_abort_while_waiting_for_the_grammar_and_min_tokens_refused(engine):
+    engine.add_request("parked", "x", constrained({"regex": "[0-9]{40}"}, 1))
+    assert engine.has_unfinished() and engine.abort("parked")
+    (out,) = engine.step()
+    assert out.request_id == "parked" and out.finished and out.outputs[0].finish_reason == "abort"
+    assert not engine.has_unfinished()
+    with pytest.raises(ValueError, match="min_tokens"):
+        SamplingParams(min_tokens=2, structured_outputs={"regex": "a+"})
+
+
+def test_output_prefix_resumes_a_constrained_request(engine):
+    """A worker resuming a redelivered job feeds the streamed tokens back: the matcher catches up."""
+    p = constrained({"json": SCHEMA}, 11)
+    whole = engine.generate(["resume"], [p])[0].outputs[0]
+    engine.add_request("resumed", "resume", p, output_prefix=whole.token_ids[:12])
+    rest = []
+    while engine.has_unfinished():
+        for delta in engine.step():
+            rest += delta.outputs[0].token_ids
+            reason = delta.outputs[0].finish_reason
+    assert whole.token_ids[:12] + rest == whole.token_ids and reason == "stop"
