@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import itertools
-from concurrent.futures import FIRST_COMPLETED, Future, wait
 import random
 import time
 from collections.abc import Iterator
+from concurrent.futures import FIRST_COMPLETED, Future, wait
 from dataclasses import dataclass, field
 
 import torch
@@ -144,11 +144,11 @@ class Engine:
 
     def abort(self, request_id: str) -> bool:
         """Stop a request now and free its blocks; the next `step()` reports it ("abort")."""
-        parked = [p for p in self._parked if p[0].request_id == request_id]
-        if parked:
-            self._parked.remove(parked[0])
-            parked[0][0].finish("abort")
-        seqs = [parked[0][0]] if parked else self.scheduler.abort(request_id)
+        parked = next((p for p in self._parked if p[0].request_id == request_id), None)
+        if parked is not None:   # still waiting for its grammar
+            self._parked.remove(parked)
+            parked[0].finish("abort")
+        seqs = [parked[0]] if parked is not None else self.scheduler.abort(request_id)
         if not seqs:
             return False
         self._reports.append(self._report(request_id, seqs))

@@ -174,9 +174,6 @@ class StructuredOutputs:
         """Attach a compiled grammar to a request; its samples get matchers on first use."""
         self._grammars[request_id] = compiled
 
-    def is_constrained(self, seq) -> bool:
-        return seq.request_id in self._grammars
-
     def bitmask(self, seqs: list) -> tuple[Any, list[int]] | None:
         """(the int32 token bitmask [len(seqs), ceil(V/32)] on the host, filled for the
         constrained rows only, the others all ones; those rows), or None when no row is constrained."""
