@@ -6,6 +6,7 @@ import itertools
 import random
 import time
 from collections.abc import Iterator
+from concurrent.futures import FIRST_COMPLETED, Future, wait
 from dataclasses import dataclass, field
 
 import torch
@@ -20,7 +21,8 @@ from .output_processor import CompletionStream
 from .outputs import CompletionOutput, RequestOutput, append_delta
 from .sampling_params import SamplingParams
 from .scheduler import ModelRunnerOutput, Scheduler, SchedulerOutput
-from .sequence import Sequence
+from .sequence import Sequence, _arrival_counter
+from .structured import StructuredOutputs
 
 Prompt = str | list[int]
 
@@ -58,13 +60,15 @@ class Engine:
         self.bytes_per_block = bytes_per_block(loaded.model, config.block_size, config.cache_dtype)
         num_blocks = self._num_blocks(config)
         eos = self.tokenizer.eos_token_ids
-        self.runner = ModelRunner(loaded, config, num_blocks, eos, cpu)
+        self.structured = StructuredOutputs(self.tokenizer, self.vocab_size)
+        self.runner = ModelRunner(loaded, config, num_blocks, eos, cpu, self.structured)
         self.block_manager = BlockManager(num_blocks, config.block_size, config.enable_prefix_caching)
         self.scheduler = Scheduler(self.block_manager, config.max_num_seqs,
                                    config.max_num_batched_tokens, self.max_model_len, eos)
         self.stats = EngineStats()
         self._requests: dict[str, _Request] = {}
         self._reports: list[RequestOutput] = []   # finished outside a step (error at add, abort)
+        self._parked: list[tuple[Sequence, Future]] = []   # waiting for their grammar to compile
         self._ids = itertools.count()
         self._seeds = random.Random(config.seed)   # seeds for requests that give none
 
@@ -102,17 +106,48 @@ class Engine:
             if params.n != 1 or len(output_prefix) >= params.max_tokens:
                 raise ValueError("output_prefix: needs n == 1 and fewer tokens than max_tokens")
             seq.token_ids += self._token_ids(list(output_prefix))
+        req = self._requests[request_id] = _Request(seq.prompt_token_ids)
+        req.streams[0] = CompletionStream(seq, self.tokenizer)
+        if params.structured_outputs is not None:   # scheduled once its grammar is compiled
+            self._parked.append((seq, self.structured.submit(params.structured_outputs)))
+        else:
+            self._enqueue(seq)
+
+    def _enqueue(self, seq: Sequence) -> None:
+        """Hand a new request's sequence to the scheduler; streams for its other samples."""
         self.scheduler.add(seq)
-        req = _Request(seq.prompt_token_ids)
-        for s in [seq] + seq.pending_forks:
-            req.streams[s.index] = CompletionStream(s, self.tokenizer)
-        self._requests[request_id] = req
+        streams = self._requests[seq.request_id].streams
+        for s in seq.pending_forks:
+            streams[s.index] = CompletionStream(s, self.tokenizer)
         if seq.is_finished:
-            self._reports.append(self._report(request_id, [seq]))
+            self._reports.append(self._report(seq.request_id, [seq]))
+
+    def _admit_compiled(self) -> None:
+        """Schedule the parked requests whose grammar is ready (waiting for one when nothing
+        else can run, so a step never spins)."""
+        if not self._parked:
+            return
+        if not self.scheduler.has_unfinished():
+            wait([f for _, f in self._parked], return_when=FIRST_COMPLETED)
+        parked, self._parked = self._parked, []
+        for seq, future in parked:
+            if not future.done():
+                self._parked.append((seq, future))
+            elif future.exception() is not None:
+                seq.finish("error", f"structured_outputs: {future.exception()}")
+                self._reports.append(self._report(seq.request_id, [seq]))
+            else:
+                self.structured.bind(seq.request_id, future.result())
+                seq.arrival = next(_arrival_counter)   # keeps the waiting queue in arrival order
+                self._enqueue(seq)
 
     def abort(self, request_id: str) -> bool:
         """Stop a request now and free its blocks; the next `step()` reports it ("abort")."""
-        seqs = self.scheduler.abort(request_id)
+        parked = next((p for p in self._parked if p[0].request_id == request_id), None)
+        if parked is not None:   # still waiting for its grammar
+            self._parked.remove(parked)
+            parked[0].finish("abort")
+        seqs = [parked[0]] if parked is not None else self.scheduler.abort(request_id)
         if not seqs:
             return False
         self._reports.append(self._report(request_id, seqs))
@@ -121,6 +156,7 @@ class Engine:
     def step(self) -> list[RequestOutput]:
         """Run one scheduling step and forward pass; returns each changed request's delta."""
         started = time.perf_counter()
+        self._admit_compiled()
         outputs, self._reports = self._reports, []
         if self.scheduler.has_unfinished():
             plan = self.scheduler.schedule()
@@ -133,11 +169,11 @@ class Engine:
         return outputs
 
     def has_unfinished(self) -> bool:
-        return self.scheduler.has_unfinished() or bool(self._reports)
+        return self.scheduler.has_unfinished() or bool(self._reports) or bool(self._parked)
 
     def num_admittable(self) -> int:
         """How many more requests can be added now without overcommitting seats or KV blocks."""
-        return self.scheduler.num_admittable()
+        return max(0, self.scheduler.num_admittable() - sum(seq.params.n for seq, _ in self._parked))
 
     def kv_cache_info(self) -> dict:
         bm = self.block_manager
@@ -194,10 +230,19 @@ class Engine:
             stream = self._requests[seq.request_id].streams[seq.index]
             if seq.seq_id in result.logprobs:
                 stream.pending_logprobs.append(result.logprobs[seq.seq_id])
+            self._follow_grammar(seq)
             if stream.absorb():
                 self.scheduler.finish(seq, "stop")
             by_request.setdefault(seq.request_id, []).append(seq)
         return [self._report(rid, seqs) for rid, seqs in by_request.items()]
+
+    def _follow_grammar(self, seq: Sequence) -> None:
+        """Advance a constrained sequence's matcher; the grammar's end finishes it ("stop")."""
+        outcome = None if seq.is_finished else self.structured.advance(seq)
+        if outcome is not None:
+            self.scheduler.finish(seq, outcome)
+            if outcome == "error":
+                seq.error = "structured_outputs: a token the grammar does not allow (output_prefix?)"
 
     def _report(self, request_id: str, seqs: list[Sequence]) -> RequestOutput:
         req = self._requests[request_id]
@@ -210,6 +255,7 @@ class Engine:
         finished = req.finished
         if finished:
             del self._requests[request_id]
+            self.structured.release(request_id, [s.seq.seq_id for s in req.streams.values()])
         return RequestOutput(request_id, req.prompt_token_ids, completions, finished)
 
     def _require_idle(self) -> None:
@@ -240,6 +286,9 @@ class Engine:
         s.num_generated_tokens += num_sampled
         s.num_preemptions = self.scheduler.num_preemptions
         s.num_cached_prompt_tokens = self.scheduler.num_cached_tokens
+        g = self.structured.stats
+        s.num_grammars_compiled, s.num_grammar_cache_hits = g.num_compiled, g.num_cache_hits
+        s.grammar_compile_time_s = g.compile_time_s
 
 
 def _engine_config(model: str | None, config: EngineConfig | None, settings: dict) -> EngineConfig:

@@ -14,6 +14,9 @@ class EngineStats:
     num_cached_prompt_tokens: int = 0  # prompt tokens reused from the prefix cache
     num_finished: int = 0
     step_time_s: float = 0.0         # total time inside step()
+    num_grammars_compiled: int = 0   # structured outputs: grammars compiled (cache misses)
+    num_grammar_cache_hits: int = 0
+    grammar_compile_time_s: float = 0.0   # on the compile thread, off the step loop
 
     def as_dict(self) -> dict:
         return asdict(self)

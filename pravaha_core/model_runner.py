@@ -13,6 +13,7 @@ from .sampler import sample
 from .sampling_rows import SamplingRows
 from .scheduler import ModelRunnerOutput, ScheduledChunk, SchedulerOutput
 from .sequence import Sequence
+from .structured import StructuredOutputs
 
 
 def bytes_per_block(model, block_size: int, dtype: str) -> int:
@@ -23,7 +24,7 @@ def bytes_per_block(model, block_size: int, dtype: str) -> int:
 
 class ModelRunner:
     def __init__(self, loaded: LoadedModel, config: EngineConfig, num_blocks: int, eos_token_ids: set[int],
-                 cpu: kernels.CpuPlatform | None = None):
+                 cpu: kernels.CpuPlatform | None = None, structured: StructuredOutputs | None = None):
         self.model = loaded.model
         self.block_size = config.block_size
         self.device = torch.device(config.device)
@@ -44,6 +45,7 @@ class ModelRunner:
                              any(getattr(layer, "softcap", None) is not None for layer in m.modules()))
         self.attention = select_backend(config.attention_backend, spec, native)
         self.sampling_rows = SamplingRows(self.device, m.vocab_size, config.max_num_seqs)
+        self.structured = structured
         self.decode_graphs = None
         if config.cuda_graphs and self.device.type == "cuda" and self.attention.name == "triton":
             max_blocks = -(-loaded.max_model_len // self.block_size)
@@ -62,9 +64,13 @@ class ModelRunner:
         sampling = [c.seq for c in chunks if c.samples]
         if not sampling:
             return ModelRunnerOutput({})
+        allowed = self.structured.bitmask(sampling) if self.structured is not None else None
         rows = torch.tensor([last_index[i] for i, c in enumerate(chunks) if c.samples], device=self.device)
         logits = self.model.compute_logits(hidden[rows])                       # [N, V]
-        out = sample(logits, self.sampling_rows.batch(sampling, self.eos_token_ids))
+        batch = self.sampling_rows.batch(sampling, self.eos_token_ids)
+        if allowed is not None:
+            batch.bitmask, batch.bitmask_rows = allowed[0].to(self.device, non_blocking=True), allowed[1]
+        out = sample(logits, batch)
         logprobs = {}
         if out.logprobs is not None:
             for seq, token, entry in zip(sampling, out.token_ids, out.logprobs):

@@ -32,6 +32,8 @@ class SamplingBatch:
     penalties: PenaltyInputs | None = None
     suppress: torch.Tensor | None = None      # [K, 2] (row, token) pairs forced to -inf
     max_logprobs: int | None = None           # largest k among rows asking for logprobs
+    bitmask: torch.Tensor | None = None       # [N, ceil(V/32)] int32 allowed tokens (-1: a free row)
+    bitmask_rows: list[int] | None = None     # the constrained rows, the only ones masked
 
 
 @dataclass
@@ -83,6 +85,16 @@ def apply_penalties(logits: torch.Tensor, pen: PenaltyInputs) -> torch.Tensor:
     return logits - pen.presence[:, None] * (out_counts > 0).float()
 
 
+def apply_token_bitmask_(logits: torch.Tensor, bitmask: torch.Tensor, rows: list[int]) -> None:
+    """In place, one kernel over the batch: -inf in `rows` of logits [N, V] float32 where the
+    row's bit is 0 (bit j of word w is token 32w + j); bitmask [N, ceil(V/32)] int32 on the
+    logits' device. xgrammar's kernel (C++ on CPU, Triton on CUDA): 3x faster on CPU than
+    unpacking the bits with torch ops (64 x 49152 logits)."""
+    import xgrammar
+
+    xgrammar.apply_token_bitmask_inplace(logits, bitmask, indices=rows)
+
+
 def truncated_probs(logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor,
                     min_p: torch.Tensor) -> torch.Tensor:
     """Unnormalized probabilities after top-k, top-p and min-p; [N, V]."""
@@ -100,6 +112,10 @@ def sample(logits: torch.Tensor, batch: SamplingBatch) -> SamplerOutput:
     """logits: [N, V] raw model output -> one token per row (and logprobs where asked)."""
     raw = logits.float()
     logits = raw
+    if batch.bitmask is not None:
+        if batch.max_logprobs is not None:   # logprobs come from the unmasked logits
+            logits = raw.clone()
+        apply_token_bitmask_(logits, batch.bitmask, batch.bitmask_rows)
     if batch.penalties is not None:
         logits = apply_penalties(logits, batch.penalties)
     if batch.suppress is not None:

@@ -24,6 +24,8 @@ class SamplingParams:
     include_stop_str_in_output); stop_token_ids: token ids that do (kept in token_ids).
     min_tokens: EOS, stop tokens and stop strings are ignored until this many tokens exist.
     logprobs: k -> per generated token, the sampled token's logprob and the top-k alternatives.
+    structured_outputs: constrain the output (vLLM's names), exactly one of {"json": schema},
+    {"json_object": True}, {"regex": str}, {"choice": [str, ...]}, {"grammar": EBNF str}.
     """
 
     n: int = 1
@@ -43,6 +45,7 @@ class SamplingParams:
     include_stop_str_in_output: bool = False
     logprobs: int | None = None
     skip_special_tokens: bool = True
+    structured_outputs: dict[str, Any] | None = None
 
     def __post_init__(self) -> None:
         _check_int("n", self.n, minimum=1)
@@ -76,6 +79,12 @@ class SamplingParams:
         for name in ("ignore_eos", "include_stop_str_in_output", "skip_special_tokens"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name}: must be a bool, got {getattr(self, name)!r}")
+        if self.structured_outputs is not None:
+            from . import structured
+
+            self.structured_outputs = structured.validate(self.structured_outputs)
+            if self.min_tokens:   # it would suppress the EOS a finished grammar allows alone
+                raise ValueError("min_tokens: not supported with structured_outputs (the grammar decides the end)")
 
     @property
     def greedy(self) -> bool:
@@ -94,11 +103,35 @@ class SamplingParams:
         """Build from a plain dict (e.g. off the wire); unknown fields raise ValueError."""
         if not isinstance(data, dict):
             raise ValueError(f"sampling params: expected a mapping, got {type(data).__name__}")
+        if "response_format" in data:   # OpenAI's field, as bulk lines and jobs may carry it
+            data = dict(data)
+            fmt = structured_from_response_format(data.pop("response_format"))
+            if fmt is not None:
+                if data.get("structured_outputs") is not None:
+                    raise ValueError("response_format: give it or structured_outputs, not both")
+                data["structured_outputs"] = fmt
         check_known(cls, data, "sampling parameter")
         return cls(**data)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+
+def structured_from_response_format(fmt: object) -> dict[str, Any] | None:
+    """OpenAI's `response_format` as a `structured_outputs` spec (None for type "text")."""
+    if fmt is None:
+        return None
+    kind = fmt.get("type") if isinstance(fmt, dict) else None
+    if kind == "text":
+        return None
+    if kind == "json_object":
+        return {"json_object": True}
+    if kind == "json_schema":
+        inner = fmt.get("json_schema")
+        if not isinstance(inner, dict) or "schema" not in inner:
+            raise ValueError("response_format.json_schema: expected {\"name\": ..., \"schema\": {...}}")
+        return {"json": inner["schema"]}
+    raise ValueError(f"response_format: type must be json_schema, json_object or text, got {kind!r}")
 
 
 def _check_int(name: str, value: object, minimum: int) -> None:

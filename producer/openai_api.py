@@ -10,7 +10,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 
-from pravaha_core.sampling_params import SamplingParams
+from pravaha_core.sampling_params import SamplingParams, structured_from_response_format
 
 from .wire import Completion, Result, TokenEvent, Usage
 
@@ -20,7 +20,7 @@ COMPLETION_DEFAULT_MAX_TOKENS = 16   # OpenAI's default for /v1/completions
 # OpenAI body fields (and vLLM's extensions) that map straight onto SamplingParams.
 PASSTHROUGH = ("temperature", "top_p", "n", "seed", "presence_penalty", "frequency_penalty", "top_k",
                "min_p", "repetition_penalty", "min_tokens", "ignore_eos", "stop_token_ids",
-               "skip_special_tokens", "include_stop_str_in_output")
+               "skip_special_tokens", "include_stop_str_in_output", "structured_outputs")
 IGNORED = ("model", "user", "stream", "stream_options")
 
 
@@ -48,7 +48,7 @@ class ParsedRequest:
 def parse_body(url: str, body: dict) -> ParsedRequest:
     """Validate an OpenAI completions or chat body; RequestError names the first bad field."""
     chat = url == CHAT
-    allowed = set(PASSTHROUGH) | set(IGNORED) | {"max_tokens", "stop", "logprobs"} | (
+    allowed = set(PASSTHROUGH) | set(IGNORED) | {"max_tokens", "stop", "logprobs", "response_format"} | (
         {"messages", "max_completion_tokens", "top_logprobs"} if chat else {"prompt"})
     unknown = sorted(k for k in set(body) - allowed if body[k] is not None)
     if unknown:
@@ -77,11 +77,27 @@ def _params(body: dict, chat: bool) -> dict:
         params["logprobs"] = body.get("top_logprobs") or 0
     elif not chat and body.get("logprobs") is not None:
         params["logprobs"] = body["logprobs"]
+    _response_format(body, params)
     try:
         SamplingParams.from_dict(dict(params))
     except (ValueError, TypeError) as exc:
-        raise RequestError(f"body: {exc}", str(exc).split(":", 1)[0]) from None
+        param = str(exc).split(":", 1)[0]
+        if param.startswith("structured_outputs") and body.get("response_format") is not None:
+            param = "response_format"   # the field the client sent
+        raise RequestError(f"body: {exc}", param) from None
     return params
+
+
+def _response_format(body: dict, params: dict) -> None:
+    """OpenAI's response_format becomes vLLM's structured_outputs (what the Job carries)."""
+    try:
+        spec = structured_from_response_format(body.get("response_format"))
+    except ValueError as exc:
+        raise RequestError(f"body.{exc}", "response_format") from None
+    if spec is not None:
+        if params.get("structured_outputs") is not None:
+            raise RequestError("body: give response_format or structured_outputs, not both", "response_format")
+        params["structured_outputs"] = spec
 
 
 def _prompts(prompt: object) -> list:

@@ -296,3 +296,27 @@ def _up(url: str) -> bool:
         return get(url)[0] == 200
     except OSError:
         return False
+
+
+def test_response_format_json_schema_and_its_400(stack, oai):
+    import jsonschema
+
+    schema = {"type": "object", "properties": {"answer": {"enum": ["yes", "no"]},
+                                               "n": {"type": "integer", "minimum": 0, "maximum": 9}},
+              "required": ["answer", "n"]}
+    fmt = {"type": "json_schema", "json_schema": {"name": "reply", "schema": schema}}
+    got = oai.chat.completions.create(model=stack.model, messages=[{"role": "user", "content": "Answer"}],
+                                      max_tokens=40, seed=3, response_format=fmt)
+    assert got.choices[0].finish_reason == "stop"
+    jsonschema.validate(json.loads(got.choices[0].message.content), schema)
+    again = oai.chat.completions.create(model=stack.model, messages=[{"role": "user", "content": "Again"}],
+                                        max_tokens=40, seed=4, response_format=fmt)
+    jsonschema.validate(json.loads(again.choices[0].message.content), schema)
+    worker = get(f"http://127.0.0.1:{stack.metrics_port}/metrics")[1].decode()
+    assert metric(worker, "pravaha_grammar_compiles_total") == 1 and metric(worker, "pravaha_grammar_cache_hits_total") == 1
+    assert metric(worker, "pravaha_grammar_compile_seconds_total") > 0
+    with pytest.raises(openai.BadRequestError) as err:
+        oai.chat.completions.create(model=stack.model, messages=[{"role": "user", "content": "hi"}],
+                                    response_format={"type": "json_schema",
+                                                     "json_schema": {"name": "x", "schema": {"type": "nope"}}})
+    assert err.value.body["param"] == "response_format" and "nope" in err.value.body["message"]

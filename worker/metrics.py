@@ -7,7 +7,7 @@ import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
-from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600)
 STEP_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5)
@@ -61,6 +61,12 @@ class _EngineCollector:
         for kernel, count in model["kernels"].items():
             layers.add_metric([model["quantization"] or "none", kernel], count)
         yield layers
+        grammars = engine.structured.stats   # structured outputs, read live off the compile thread
+        yield CounterMetricFamily("pravaha_grammar_compiles", "Grammars compiled (cache misses)", grammars.num_compiled)
+        yield CounterMetricFamily("pravaha_grammar_cache_hits", "Structured-output requests served by a cached grammar",
+                                  grammars.num_cache_hits)
+        yield CounterMetricFamily("pravaha_grammar_compile_seconds", "Time compiling grammars (off the step loop)",
+                                  grammars.compile_time_s)
 
 
 class HealthServer:
