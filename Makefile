@@ -29,6 +29,9 @@ test: $(STAMP)
 
 bench: $(STAMP)
 	$(VENV)/bin/pravaha bench
+	$(PY) -m benchmarks.host
+	$(PY) benchmarks/structured.py
+	$(PY) benchmarks/gateway.py --clients 1000
 
 clean:
 	rm -rf $(VENV) .pytest_cache .hypothesis *.egg-info
