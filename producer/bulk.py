@@ -249,16 +249,29 @@ def run_bulk(input_path: str, out_path: str, *, redis_url: str, max_in_flight: i
     return run.summary
 
 
-def _feed(run: _Run, ids: CustomIds, line_no: int, raw: bytes) -> None:
+def parse_and_claim(raw: bytes, line_no: int, ids: CustomIds, endpoint: str | None = None) -> BulkRequest:
+    """parse_line, then claim the line's custom_id (LineError for a repeat, or for a url other
+    than `endpoint`); a bad line still claims its custom_id."""
     try:
         req = parse_line(raw, line_no)
+        if endpoint is not None and req.url != endpoint:
+            raise LineError("invalid_request", f"url: this batch's endpoint is {endpoint}, got {req.url}",
+                            req.custom_id)
         first = ids.first_line(req.custom_id, line_no)
         if first != line_no:
             raise LineError("duplicate_custom_id", f"custom_id {req.custom_id!r} already used on line {first + 1}",
                             req.custom_id)
+        return req
     except LineError as err:
-        if err.custom_id is not None:   # a bad line still claims its custom_id
+        if err.custom_id is not None:
             ids.first_line(err.custom_id, line_no)
+        raise
+
+
+def _feed(run: _Run, ids: CustomIds, line_no: int, raw: bytes) -> None:
+    try:
+        req = parse_and_claim(raw, line_no, ids)
+    except LineError as err:
         if not run.out.is_done(line_no):
             run.out.write(line_no, output_line(line_no, err.custom_id, None, {"code": err.code, "message": err.message}))
         return

@@ -23,7 +23,7 @@ import uuid
 
 import redis
 
-from ..bulk import CustomIds, LineError, OutputFile, count_lines, output_line, parse_line
+from ..bulk import CustomIds, LineError, OutputFile, count_lines, output_line, parse_and_claim
 from ..client import Client, QueueFull
 from ..names import Names
 from ..openai_api import CHAT, response_body
@@ -277,17 +277,8 @@ class BatchRun:
 
     def _feed(self, ids: CustomIds, line_no: int, raw: bytes) -> None:
         try:
-            req = parse_line(raw, line_no)
-            if req.url != self.endpoint:
-                raise LineError("invalid_request", f"url: this batch's endpoint is {self.endpoint}, got {req.url}",
-                                req.custom_id)
-            first = ids.first_line(req.custom_id, line_no)
-            if first != line_no:
-                raise LineError("duplicate_custom_id", f"custom_id {req.custom_id!r} already used on line {first + 1}",
-                                req.custom_id)
+            req = parse_and_claim(raw, line_no, ids, self.endpoint)
         except LineError as err:
-            if err.custom_id is not None:   # a bad line still claims its custom_id
-                ids.first_line(err.custom_id, line_no)
             self._write_error(line_no, err.custom_id, err.code, err.message)
             return
         if not self._done(line_no):
