@@ -11,6 +11,7 @@ import json
 import os
 import re
 import shlex
+import signal
 import subprocess
 import sys
 import time
@@ -194,10 +195,13 @@ def test_unsupported_fields_and_bad_values_are_400(stack, oai):
     assert status == 400 and body["error"]["param"] == "prompt"
 
 
+LONG = 450      # tokens (the checkpoint's context is 512)
+
+
 def test_disconnect_mid_stream_cancels_and_frees_kv_blocks(stack):
     conn = http.client.HTTPConnection("127.0.0.1", stack.gateway.port, timeout=30)
     conn.request("POST", "/v1/completions", json.dumps(
-        {"model": stack.model, "prompt": "A long story", "max_tokens": 450, "ignore_eos": True, "stream": True}),
+        {"model": stack.model, "prompt": "A long story", "max_tokens": LONG, "ignore_eos": True, "stream": True}),
         {"Content-Type": "application/json"})
     resp = conn.getresponse()
     assert resp.status == 200 and resp.getheader("content-type").startswith("text/event-stream")
@@ -210,7 +214,7 @@ def test_disconnect_mid_stream_cancels_and_frees_kv_blocks(stack):
     conn.sock.close()   # the client goes away mid-stream
     conn.close()
     result = Client(stack.redis.url).result(rid, timeout=30)
-    assert result.finish_reason == "abort" and len(result.token_ids) < 450, (result.finish_reason,
+    assert result.finish_reason == "abort" and len(result.token_ids) < LONG, (result.finish_reason,
                                                                              len(result.token_ids))
     scrape = f"http://127.0.0.1:{stack.metrics_port}/metrics"
     wait_until(lambda: metric(get(scrape)[1].decode(), "pravaha_kv_blocks_used") == 0, 10, "the KV blocks freed")
@@ -220,19 +224,25 @@ def test_disconnect_mid_stream_cancels_and_frees_kv_blocks(stack):
 
 
 def test_disconnect_while_waiting_for_a_whole_answer_cancels(stack):
+    """The worker is held still (SIGSTOP) until the client has gone and the cancel is stored,
+    so the disconnect comes first on any host, however fast it generates."""
     r = redis.Redis.from_url(stack.redis.url)
     before = set(r.keys(Names().cancelled("*")))
     conn = http.client.HTTPConnection("127.0.0.1", stack.gateway.port, timeout=0.5)
-    conn.request("POST", "/v1/completions", json.dumps(
-        {"model": stack.model, "prompt": "Another long story", "max_tokens": 450, "ignore_eos": True}),
-        {"Content-Type": "application/json"})
-    with pytest.raises(TimeoutError):
-        conn.getresponse()
-    conn.sock.close()   # gone before the answer
-    conn.close()
-    (key,) = wait_until(lambda: set(r.keys(Names().cancelled("*"))) - before, 10, "the request's cancel key")
+    os.kill(stack.worker.proc.pid, signal.SIGSTOP)
+    try:
+        conn.request("POST", "/v1/completions", json.dumps(
+            {"model": stack.model, "prompt": "Another long story", "max_tokens": LONG, "ignore_eos": True}),
+            {"Content-Type": "application/json"})
+        with pytest.raises(TimeoutError):
+            conn.getresponse()
+        conn.sock.close()   # gone before the answer
+        conn.close()
+        (key,) = wait_until(lambda: set(r.keys(Names().cancelled("*"))) - before, 10, "the request's cancel key")
+    finally:
+        os.kill(stack.worker.proc.pid, signal.SIGCONT)
     result = Client(stack.redis.url).result(key.decode().split("{")[1].split("}")[0], timeout=30)
-    assert result.finish_reason == "abort" and len(result.token_ids) < 450, (result.finish_reason,
+    assert result.finish_reason == "abort" and len(result.token_ids) < LONG, (result.finish_reason,
                                                                              len(result.token_ids))
 
 
