@@ -161,6 +161,14 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_build_kernels(args) -> int:
+    from pravaha_core import kernels
+
+    module = kernels.load_native(args.march, args.lock_timeout_s)
+    print(f"native kernels {'built in ' + kernels.build_directory(args.march) if module else 'unavailable (see log)'}")
+    return 0 if module is not None else 1
+
+
 def main(argv: list[str] | None = None) -> int:
     try:
         parser = build_parser(os.environ)
@@ -254,6 +262,11 @@ def build_parser(environ) -> argparse.ArgumentParser:
     engine_args(gen)
     sampling_args(gen, max_tokens=64)
     gen.set_defaults(func=cmd_generate)
+
+    kern = sub.add_parser("build-kernels", help="compile the native CPU kernels ahead of time (image build, install)")
+    kern.add_argument("--march", default="native", help="-march to build for (native: this CPU)")
+    kern.add_argument("--lock-timeout-s", type=float, default=600.0)
+    kern.set_defaults(func=cmd_build_kernels)
 
     return parser
 

@@ -9,11 +9,15 @@ plain-torch paths. Design notes: kernels/README.md.
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import functools
 import hashlib
 import logging
 import os
 import platform
+import sys
+import time
 from dataclasses import dataclass
 from types import ModuleType
 
@@ -43,25 +47,67 @@ def setup_cpu(native_kernels: bool = True, march: str = "native", huge_pages: bo
     return platform_
 
 
+def build_directory(march: str = "native") -> str:
+    """Where the kernels for `march` are built: keyed on torch's version and this install's prefix,
+    so two virtual environments on one host never rebuild each other's copy in turn."""
+    from torch.utils.cpp_extension import get_default_build_root
+
+    import torch
+
+    root = os.environ.get("TORCH_EXTENSIONS_DIR") or get_default_build_root()   # torch reads it too
+    key = f"pravaha-torch{torch.__version__.replace('+', '_')}-{hashlib.sha1(sys.prefix.encode()).hexdigest()[:10]}"
+    name = f"pravaha_paged_attention_{platform.machine()}" + ("" if march == "native" else f"_{march.replace('-', '_')}")
+    return os.path.join(root, key, name)
+
+
+@contextlib.contextmanager
+def build_lock(directory: str, timeout_s: float):
+    """Hold `directory`'s build for this process, or raise TimeoutError after `timeout_s`.
+    An fcntl lock dies with its holder, unlike torch's `lock` file: a build killed mid-compile
+    leaves that file behind and every later start waits on it forever. Holding ours, no other
+    process is building here, so a torch `lock` file still present is stale and goes."""
+    os.makedirs(directory, exist_ok=True)
+    with open(os.path.join(directory, "pravaha.lock"), "a+") as f:
+        deadline = time.monotonic() + timeout_s
+        while True:
+            try:
+                fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() >= deadline:
+                    raise TimeoutError(f"another process has been building in {directory} for over {timeout_s:g} s")
+                time.sleep(0.2)
+        try:
+            stale = os.path.join(directory, "lock")
+            if os.path.exists(stale):
+                log.warning("removing a stale kernel build lock %s (left by a process killed mid-build)", stale)
+                os.unlink(stale)
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
 @functools.cache
-def load_native(march: str = "native") -> ModuleType | None:
+def load_native(march: str = "native", lock_timeout_s: float = 600.0) -> ModuleType | None:
     """The compiled kernels for `march` (a -march value; "native": this CPU, "haswell": the
-    AVX2 paths, for tests and for images shared across CPU kinds), or None."""
+    AVX2 paths, for tests and for images shared across CPU kinds), or None. Waits at most
+    `lock_timeout_s` for another process's build of the same kernels, then uses the torch path."""
     try:
         from torch.utils.cpp_extension import load
 
         if not march.replace("-", "").replace("_", "").isalnum():
             raise ValueError(f"kernel_march: {march!r} is not a -march value")
-        name = f"pravaha_paged_attention_{platform.machine()}" + ("" if march == "native" else f"_{march.replace('-', '_')}")
+        directory = build_directory(march)
         log.info("loading the native paged-attention kernel (the first use on a machine compiles it: ~40 s)")
         # torch rebuilds when a source or a flag changes, not a header: the header's hash is a flag.
         with open(os.path.join(HERE, "vec_math.h"), "rb") as f:
             header = hashlib.sha1(f.read()).hexdigest()[:12]
         sources = [os.path.join(HERE, f) for f in ("paged_attention.cpp", "fused.cpp", "gemm.cpp")]
-        return load(name=name, sources=sources,
-                    extra_cflags=["-O3", f"-march={march}", "-fopenmp", "-fno-trapping-math", "-fno-math-errno",
-                                  f"-DPRAVAHA_VEC_MATH={header}"],
-                    extra_ldflags=["-fopenmp"], verbose=False)
+        with build_lock(directory, lock_timeout_s):
+            return load(name=os.path.basename(directory), sources=sources, build_directory=directory,
+                        extra_cflags=["-O3", f"-march={march}", "-fopenmp", "-fno-trapping-math", "-fno-math-errno",
+                                      f"-DPRAVAHA_VEC_MATH={header}"],
+                        extra_ldflags=["-fopenmp"], verbose=False)
     except Exception as exc:  # noqa: BLE001 - any build failure means: use the torch path
         log.warning("paged attention kernel unavailable (%s); using the torch path", exc)
         return None
