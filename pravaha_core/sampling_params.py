@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -142,8 +144,8 @@ def _check_int(name: str, value: object, minimum: int) -> None:
 
 
 def _check_range(name: str, value: object, low: float, high: float | None, open_low: bool = False) -> None:
-    if not isinstance(value, (int, float)) or isinstance(value, bool) or value != value:
-        raise ValueError(f"{name}: must be a number, got {value!r}")
+    if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value):
+        raise ValueError(f"{name}: must be a finite number, got {value!r}")
     if value < low or (open_low and value == low) or (high is not None and value > high):
         bounds = f"{'(' if open_low else '['}{low}, {high if high is not None else 'inf'}]"
         raise ValueError(f"{name}: must be in {bounds}, got {value}")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import msgspec
@@ -102,9 +103,16 @@ def decode(data: bytes, cls: type[msgspec.Struct]):
     try:
         msg = _decoders[cls].decode(data)
     except (msgspec.DecodeError, msgspec.ValidationError) as exc:
-        raise ValueError(f"invalid {cls.__name__}: {exc}") from exc
+        hint = ""
+        if data[:1] in (b"{", b"["):
+            hint = " (this looks like JSON; expected a msgpack-encoded map, see producer/wire.py)"
+        elif not data:
+            hint = " (empty; expected a msgpack-encoded map in the stream entry's `job` field)"
+        raise ValueError(f"invalid {cls.__name__}: {exc}{hint}") from exc
     if msg.v != SCHEMA_VERSION:
         raise ValueError(f"invalid {cls.__name__}: schema version {msg.v} (this build speaks {SCHEMA_VERSION})")
+    if cls is Job and not all(math.isfinite(t) for t in (msg.created_at, msg.deadline or 0.0)):
+        raise ValueError("invalid Job: created_at and deadline must be finite UNIX times")
     return msg
 
 

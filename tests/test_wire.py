@@ -255,3 +255,27 @@ def test_wire_protocol_page_lists_every_field_of_every_message():
     names = Names()
     assert "XADD P:{RID}:events * event" in page and names.events("RID") == "pravaha:{RID}:events"
     assert "PUBLISH P:cancel <RID>" in page and names.cancel_channel == "pravaha:cancel"
+
+
+@pytest.mark.parametrize("field", ["created_at", "deadline"])
+@pytest.mark.parametrize("value", [float("nan"), float("inf")])
+def test_decode_rejects_non_finite_times(field, value):
+    job = {"v": SCHEMA_VERSION, "request_id": "r", "prompt": "x", "created_at": 1.0, field: value}
+    with pytest.raises(ValueError, match="finite"):
+        decode(msgspec.msgpack.encode(job), Job)
+
+
+@pytest.mark.parametrize("name", ["temperature", "repetition_penalty", "presence_penalty", "frequency_penalty"])
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), float("-inf")])
+def test_sampling_params_reject_non_finite(name, value):
+    from pravaha_core.sampling_params import SamplingParams
+
+    with pytest.raises(ValueError, match="finite"):
+        SamplingParams.from_dict({name: value})
+
+
+def test_json_or_missing_job_says_what_was_expected():
+    with pytest.raises(ValueError, match="looks like JSON"):
+        decode(b'{"request_id": "r", "prompt": "x", "created_at": 1}', Job)
+    with pytest.raises(ValueError, match="`job` field"):
+        decode(b"", Job)

@@ -619,3 +619,24 @@ def test_dead_letter_after_partial_stream_is_consistent(redis_server, start_work
     assert res.finish_reason == "error" and "deliver" in res.error
     assert client.redis.xlen(NAMES.dead_letter) == 1
     check_replay(client, rid, res)
+
+
+def test_duplicate_of_a_running_id_is_acked_not_reclaimed_into_an_error(redis_server, start_worker):
+    """Issue 22 item 1: the same id submitted twice, 1 s apart, while the first runs long. The
+    duplicate used to stay unacked, be reclaimed by its own worker past max_deliveries and turn
+    into an error result that aborted the live original."""
+    url = redis_server.url
+    r = redis_server.client()
+    client = Client(url)
+    worker = start_worker(url, name="w0", max_deliveries=2, reclaim_idle_s=1)
+    params = {"max_tokens": 400, "ignore_eos": True, "temperature": 1.0, "seed": 7}
+    client.submit("a long one", params, request_id="job-42")
+    wait_until(lambda: r.exists(NAMES.lease("job-42")), 30, "the original to start", on_fail=lambda: logs(worker))
+    time.sleep(1.0)
+    client.submit("a long one", params, request_id="job-42")
+    res = collect_results(client, ["job-42"], timeout=120, on_fail=lambda: logs(worker))["job-42"]
+    assert res.finish_reason == "length" and len(res.token_ids) == 400, (res.error, logs(worker))
+    events = [decode(f[b"event"], TokenEvent) for _, f in r.xrange(NAMES.events("job-42"))]
+    assert sum(len(e.token_ids) for e in events) == 400 and not any(e.error for e in events)
+    wait_until(lambda: pending(r) == [], 10, "the PEL to empty", on_fail=lambda: (pending(r), logs(worker)))
+    assert r.xlen(NAMES.dead_letter) == 0

@@ -273,6 +273,10 @@ class Worker:
                 self._reject(_id(eid), peek_request_id(payload), payload, f"undecodable job: {exc}", 1,
                              "undecodable")
         self.metrics.received.inc(len(entries))
+        for eid, job, _ in jobs:
+            if job.request_id in self.inflight:   # a duplicate of a live id: ack it, or it is reclaimed
+                log.info("acked duplicate entry %s of running request %s", eid, job.request_id)
+                self.pending_writes.append((None, lambda p, e=eid: self._ack(p, e)))
         jobs = [j for j in jobs if j[1].request_id not in self.inflight]
         if not jobs:
             return
