@@ -382,6 +382,8 @@ def test_sigterm_drain_finishes_inflight_and_exits_zero(redis_server, start_work
         check_replay(client, rid, res)
     check_drained(client.redis)
     assert "pending for another worker" not in worker.output()
+    # A clean exit holding nothing leaves the group (issue 22 item 8).
+    assert [c["name"] for c in client.redis.xinfo_consumers(NAMES.stream, NAMES.group)] == []
 
 
 def test_sigterm_short_drain_leaves_pending_for_another_worker(redis_server, start_worker, tap_factory):

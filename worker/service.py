@@ -489,8 +489,20 @@ class Worker:
         self.engine.step()   # consume the abort reports
         try:
             self._flush()
+            self._leave_group()
         except REDIS_DOWN as exc:
             log.error("exiting with %d unwritten writes: %s", len(self.pending_writes), exc)
+
+    def _leave_group(self) -> None:
+        """A clean exit holding no entries removes this consumer from the group (XGROUP
+        DELCONSUMER), so consumer lists do not fill with names of workers long gone. One still
+        holding entries stays: deleting it would drop them from the PEL, unowned forever."""
+        try:
+            if not self.redis.xpending_range(self.names.stream, self.names.group, "-", "+", 1,
+                                             consumername=self.config.consumer):
+                self.redis.xgroup_delconsumer(self.names.stream, self.names.group, self.config.consumer)
+        except redis.ResponseError as exc:   # the stream or group is gone: nothing to leave
+            log.info("not leaving the group: %s", exc)
 
 
 def _merge_texts(completion: Completion, texts: dict | None) -> None:
