@@ -98,7 +98,9 @@ class Worker:
                 if not self.inflight or now > drain_until:
                     break
             try:
-                if stalled and self.inflight:   # paused past our leases: others may own our work now
+                # Paused, or cut off from Redis, past our leases: others may own our work now, and
+                # the events queued meanwhile must not reach raw subscribers a second time.
+                if (stalled or not self.ready) and self.inflight:
                     self._drop_lost_requests()
                 self._flush()
                 if not self.ready:
