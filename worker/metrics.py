@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hmac
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -71,10 +72,12 @@ class _EngineCollector:
 
 class HealthServer:
     """/healthz: the loop is alive. /readyz: model loaded, Redis reachable, not draining.
-    /metrics: Prometheus text format. /drain: start draining (the pod's preStop hook)."""
+    /metrics: Prometheus text format. POST /drain: start draining (the pod's preStop hook); it needs
+    `Authorization: Bearer <drain_token>`, or with no token a loopback client."""
 
-    def __init__(self, worker, port: int, host: str = "0.0.0.0"):
+    def __init__(self, worker, port: int, host: str = "0.0.0.0", drain_token: str = ""):
         self.worker = worker
+        self.drain_token = drain_token
         handler = type("Handler", (_Handler,), {"health": self})
         self.server = ThreadingHTTPServer((host, port), handler)
         self.port = self.server.server_address[1]
@@ -90,6 +93,11 @@ class HealthServer:
 
     def alive(self) -> bool:
         return time.monotonic() - self.worker.last_loop_at < LIVENESS_S
+
+    def may_drain(self, client_host: str, authorization: str | None) -> bool:
+        if self.drain_token:
+            return hmac.compare_digest((authorization or "").encode(), f"Bearer {self.drain_token}".encode())
+        return client_host in ("127.0.0.1", "::1", "::ffff:127.0.0.1")
 
     def ready(self) -> tuple[bool, str]:
         if self.worker.stopping:
@@ -110,17 +118,27 @@ class _Handler(BaseHTTPRequestHandler):
         elif path == "/readyz":
             ok, why = self.health.ready()
             self._send(200 if ok else 503, why.encode() + b"\n")
-        elif path == "/drain":   # the pod's preStop hook: stop reading now, SIGTERM follows
-            self.health.worker.stop()
-            self._send(200, b"draining\n")
+        elif path == "/drain":
+            self._send(405, b"use POST\n", allow="POST")
         elif path == "/metrics":
             self._send(200, generate_latest(self.health.worker.metrics.registry),
                        "text/plain; version=0.0.4; charset=utf-8")
         else:
             self._send(404, b"not found\n")
 
-    def _send(self, code: int, body: bytes, ctype: str = "text/plain; charset=utf-8") -> None:
+    def do_POST(self) -> None:  # noqa: N802 - http.server's name
+        if self.path.split("?", 1)[0] != "/drain":
+            self._send(405, b"only /drain takes POST\n", allow="GET")
+        elif not self.health.may_drain(self.client_address[0], self.headers.get("Authorization")):
+            self._send(403, b"forbidden\n")
+        else:   # the pod's preStop hook: stop reading now, SIGTERM follows
+            self.health.worker.stop()
+            self._send(200, b"draining\n")
+
+    def _send(self, code: int, body: bytes, ctype: str = "text/plain; charset=utf-8", allow: str = "") -> None:
         self.send_response(code)
+        if allow:
+            self.send_header("Allow", allow)
         self.send_header("Content-Type", ctype)
         self.send_header("Content-Length", str(len(body)))
         self.end_headers()

@@ -88,7 +88,7 @@ class Worker:
     # ---- the loop --------------------------------------------------------------------
     def run(self) -> None:
         """Serve until SIGTERM/stop(); then drain in-flight requests and return."""
-        health = HealthServer(self, self.config.metrics_port).start() if self.config.metrics_port >= 0 else None
+        health = HealthServer(self, self.config.metrics_port, drain_token=self.config.drain_token).start() if self.config.metrics_port >= 0 else None
         drain_until = None
         while True:
             now, stalled = time.monotonic(), time.monotonic() - self.last_loop_at > self._lease_ttl / 2

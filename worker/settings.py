@@ -37,6 +37,8 @@ class WorkerConfig:
     result_ttl_s: how long results and event records stay in Redis.
     block_ms: longest blocking read while idle.
     metrics_port: port of /healthz, /readyz, /drain and /metrics; -1 turns the server off.
+    drain_token: bearer token POST /drain requires (set PRAVAHA_DRAIN_TOKEN: a flag shows in ps);
+      empty: only loopback clients may drain.
     """
 
     engine: EngineConfig = field(default_factory=EngineConfig)
@@ -51,6 +53,7 @@ class WorkerConfig:
     result_ttl_s: int = 24 * 3600
     block_ms: int = 1000
     metrics_port: int = 9400
+    drain_token: str = ""
 
     def __post_init__(self) -> None:
         if not isinstance(self.engine, EngineConfig):
