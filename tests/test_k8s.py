@@ -21,7 +21,7 @@ from producer.gateway.config import config_from_args as gateway_config
 from producer.names import DEFAULT_GROUP, DEFAULT_STREAM
 from worker.embedded import free_port
 from worker.metrics import HealthServer
-from worker.settings import WorkerConfig, setting_names
+from worker.settings import WorkerConfig, add_worker_flags, setting_names
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 K8S_VERSION = "1.33.0"
@@ -261,6 +261,14 @@ def test_drain_needs_post_and_the_token_or_loopback():
         assert not health.may_drain("10.0.0.7", "Bearer "), "an empty token is no token"
     finally:
         health.stop()
+
+
+def test_drain_token_stays_out_of_help_and_repr():
+    parser = argparse.ArgumentParser()
+    add_worker_flags(parser, {"PRAVAHA_DRAIN_TOKEN": "s3cret"})
+    assert parser.parse_args([]).drain_token == "s3cret"
+    assert "s3cret" not in parser.format_help()
+    assert "s3cret" not in repr(WorkerConfig(consumer="x", drain_token="s3cret"))
 
 
 def metric(text, name):

@@ -53,7 +53,7 @@ class WorkerConfig:
     result_ttl_s: int = 24 * 3600
     block_ms: int = 1000
     metrics_port: int = 9400
-    drain_token: str = ""
+    drain_token: str = field(default="", repr=False)   # a secret: kept out of reprs and --help
 
     def __post_init__(self) -> None:
         if not isinstance(self.engine, EngineConfig):
@@ -116,7 +116,8 @@ def add_config_flags(parser, cls: type, selected: list[Field], environ: Mapping[
         if environ is not None and env in environ:
             default = from_env(env, environ[env], parse)
         where = f"env {env}; " if environ is not None else ""
-        help_text = f"{docs.get(f.name, '').rstrip('.')} ({where}default: {default})".replace("%", "%%")
+        shown = "<set>" if f.name.endswith("token") and default else default   # secrets stay off screen
+        help_text = f"{docs.get(f.name, '').rstrip('.')} ({where}default: {shown})".replace("%", "%%")
         flag = "--" + f.name.replace("_", "-")
         if hints[f.name] is bool:
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=default, help=help_text)
