@@ -6,7 +6,9 @@ import copy
 import os
 import shutil
 import signal
+import socket
 import subprocess
+import sys
 import time
 import urllib.error
 import urllib.request
@@ -20,7 +22,7 @@ from producer.gateway.config import add_serve_flags
 from producer.gateway.config import config_from_args as gateway_config
 from producer.names import DEFAULT_GROUP, DEFAULT_STREAM
 from worker.embedded import free_port
-from worker.metrics import HealthServer
+from worker.metrics import HealthServer, MetricsPortInUse
 from worker.settings import WorkerConfig, add_worker_flags, setting_names
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -269,6 +271,27 @@ def test_drain_token_stays_out_of_help_and_repr():
     assert parser.parse_args([]).drain_token == "s3cret"
     assert "s3cret" not in parser.format_help()
     assert "s3cret" not in repr(WorkerConfig(consumer="x", drain_token="s3cret"))
+
+
+def test_taken_metrics_port_fails_before_the_model_loads():
+    """A second worker on one host: a one-line error in seconds, before the model loads (the
+    model path here does not exist, so reaching the load would fail differently)."""
+    with socket.socket() as taken:
+        taken.bind(("0.0.0.0", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        with pytest.raises(MetricsPortInUse, match=f"metrics port {port} is in use.*--metrics-port 0"):
+            HealthServer(_Draining(), port)
+        proc = subprocess.run([sys.executable, "-m", "worker.cli", "worker", "--metrics-port", str(port),
+                               "--model", "/nonexistent/checkpoint", "--redis-url", "redis://127.0.0.1:1/0"],
+                              cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stderr.strip().splitlines() == [f"pravaha worker: metrics port {port} is in use (another "
+                                                "worker on this host?); --metrics-port 0 takes a free port, "
+                                                "-1 serves none"]
+    health = HealthServer(_Draining(), 0, host="127.0.0.1")
+    assert health.port > 0, "--metrics-port 0 takes a free port"
+    health.stop()
 
 
 def metric(text, name):

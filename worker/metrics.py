@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import errno
 import hmac
+import logging
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -13,6 +15,12 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600)
 STEP_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5)
 LIVENESS_S = 120.0   # the loop must come round at least this often to count as alive
+
+log = logging.getLogger("pravaha.worker")
+
+
+class MetricsPortInUse(RuntimeError):
+    """The metrics port is taken (another worker on this host?)."""
 
 
 class WorkerMetrics:
@@ -79,16 +87,24 @@ class HealthServer:
         self.worker = worker
         self.drain_token = drain_token
         handler = type("Handler", (_Handler,), {"health": self})
-        self.server = ThreadingHTTPServer((host, port), handler)
+        try:
+            self.server = ThreadingHTTPServer((host, port), handler)
+        except OSError as exc:
+            if exc.errno != errno.EADDRINUSE:
+                raise
+            raise MetricsPortInUse(f"metrics port {port} is in use (another worker on this host?); "
+                                   "--metrics-port 0 takes a free port, -1 serves none") from None
         self.port = self.server.server_address[1]
         self.thread = threading.Thread(target=self.server.serve_forever, name="pravaha-health", daemon=True)
 
     def start(self) -> HealthServer:
+        log.info("metrics, health and drain on port %d", self.port)
         self.thread.start()
         return self
 
     def stop(self) -> None:
-        self.server.shutdown()
+        if self.thread.is_alive():   # shutdown() waits forever on a server that never started
+            self.server.shutdown()
         self.server.server_close()
 
     def alive(self) -> bool:
