@@ -6,7 +6,9 @@ import copy
 import os
 import shutil
 import signal
+import socket
 import subprocess
+import sys
 import time
 import urllib.error
 import urllib.request
@@ -20,7 +22,8 @@ from producer.gateway.config import add_serve_flags
 from producer.gateway.config import config_from_args as gateway_config
 from producer.names import DEFAULT_GROUP, DEFAULT_STREAM
 from worker.embedded import free_port
-from worker.settings import WorkerConfig, setting_names
+from worker.metrics import HealthServer, MetricsPortInUse
+from worker.settings import WorkerConfig, add_worker_flags, setting_names
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 K8S_VERSION = "1.33.0"
@@ -127,7 +130,7 @@ def test_selectors_match_pod_labels(overlay):
     redis_labels = one(overlay, "StatefulSet")["spec"]["template"]["metadata"]["labels"]
     assert one(overlay, "PodDisruptionBudget", "pravaha-worker")["spec"]["selector"]["matchLabels"].items() <= worker_labels.items()
     assert one(overlay, "Service", "pravaha-redis")["spec"]["selector"].items() <= redis_labels.items()
-    policy = one(overlay, "NetworkPolicy")["spec"]
+    policy = one(overlay, "NetworkPolicy", "pravaha-redis")["spec"]
     assert policy["podSelector"]["matchLabels"].items() <= redis_labels.items()
     allowed = policy["ingress"][0]["from"][0]["podSelector"]["matchLabels"]
     assert allowed.items() <= worker_labels.items(), "workers must be allowed to reach Redis"
@@ -146,7 +149,10 @@ def test_worker_pod_settings_match_worker_defaults(overlay):
     assert port == defaults.metrics_port == container["ports"][0]["containerPort"]
     assert container["readinessProbe"]["httpGet"]["path"] == "/readyz"
     assert container["livenessProbe"]["httpGet"]["path"] == "/healthz"
-    assert container["lifecycle"]["preStop"]["httpGet"]["path"] == "/drain"
+    pre_stop = " ".join(container["lifecycle"]["preStop"]["exec"]["command"])
+    assert "127.0.0.1" in pre_stop and "/drain" in pre_stop and "method='POST'" in pre_stop
+    assert not any(e["name"] == "PRAVAHA_DRAIN_TOKEN" for e in container.get("env", [])), \
+        "the loopback preStop hook sends no token"
     assert pod["terminationGracePeriodSeconds"] > float(config["PRAVAHA_DRAIN_TIMEOUT_S"])
     resources = container["resources"]
     assert resources["requests"] == resources["limits"] and resources["limits"]["nvidia.com/gpu"] == "1"
@@ -209,6 +215,85 @@ def get(url):
         return err.code, err.read().decode()
 
 
+def post(url, headers=None):
+    try:
+        request = urllib.request.Request(url, method="POST", headers=headers or {})
+        with urllib.request.urlopen(request, timeout=5) as resp:
+            return resp.status, resp.read().decode()
+    except urllib.error.HTTPError as err:
+        return err.code, err.read().decode()
+
+
+def test_metrics_port_open_only_to_prometheus(overlay):
+    worker_labels = one(overlay, "Deployment", "pravaha-worker")["spec"]["template"]["metadata"]["labels"]
+    policy = one(overlay, "NetworkPolicy", "pravaha-worker-metrics")["spec"]
+    assert policy["podSelector"]["matchLabels"].items() <= worker_labels.items()
+    assert policy["policyTypes"] == ["Ingress"]
+    [rule] = policy["ingress"]
+    assert rule["ports"] == [{"port": "metrics", "protocol": "TCP"}]
+    [source] = rule["from"]
+    assert set(source) == {"namespaceSelector"}, "only a namespace (Prometheus's) may reach the port"
+    assert source["namespaceSelector"]["matchLabels"] == {"kubernetes.io/metadata.name": "monitoring"}
+
+
+class _Draining:
+    """What HealthServer needs of a worker to serve /drain."""
+    stopping = False
+
+    def stop(self):
+        self.stopping = True
+
+
+def test_drain_needs_post_and_the_token_or_loopback():
+    """POST only; with a token set, only `Bearer <token>` drains, even from loopback."""
+    worker = _Draining()
+    health = HealthServer(worker, 0, host="127.0.0.1", drain_token="s3cret").start()
+    base = f"http://127.0.0.1:{health.port}/drain"
+    try:
+        assert get(base)[0] == 405 and not worker.stopping
+        assert post(base) == (403, "forbidden\n") and not worker.stopping
+        assert post(base, {"Authorization": "Bearer wrong"})[0] == 403 and not worker.stopping
+        assert post(base, {"Authorization": "Bearer s3cret"}) == (200, "draining\n") and worker.stopping
+    finally:
+        health.stop()
+    health = HealthServer(_Draining(), 0, host="127.0.0.1").start()
+    try:
+        assert post(f"http://127.0.0.1:{health.port}/drain")[0] == 200, "no token: loopback may drain"
+        assert not health.may_drain("10.0.0.7", None), "no token: other hosts may not"
+        assert not health.may_drain("10.0.0.7", "Bearer "), "an empty token is no token"
+    finally:
+        health.stop()
+
+
+def test_drain_token_stays_out_of_help_and_repr():
+    parser = argparse.ArgumentParser()
+    add_worker_flags(parser, {"PRAVAHA_DRAIN_TOKEN": "s3cret"})
+    assert parser.parse_args([]).drain_token == "s3cret"
+    assert "s3cret" not in parser.format_help()
+    assert "s3cret" not in repr(WorkerConfig(consumer="x", drain_token="s3cret"))
+
+
+def test_taken_metrics_port_fails_before_the_model_loads():
+    """A second worker on one host: a one-line error in seconds, before the model loads (the
+    model path here does not exist, so reaching the load would fail differently)."""
+    with socket.socket() as taken:
+        taken.bind(("0.0.0.0", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        with pytest.raises(MetricsPortInUse, match=f"metrics port {port} is in use.*--metrics-port 0"):
+            HealthServer(_Draining(), port)
+        proc = subprocess.run([sys.executable, "-m", "worker.cli", "worker", "--metrics-port", str(port),
+                               "--model", "/nonexistent/checkpoint", "--redis-url", "redis://127.0.0.1:1/0"],
+                              cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stderr.strip().splitlines() == [f"pravaha worker: metrics port {port} is in use (another "
+                                                "worker on this host?); --metrics-port 0 takes a free port, "
+                                                "-1 serves none"]
+    health = HealthServer(_Draining(), 0, host="127.0.0.1")
+    assert health.port > 0, "--metrics-port 0 takes a free port"
+    health.stop()
+
+
 def metric(text, name):
     for line in text.splitlines():
         if line.startswith(name + " ") or line.startswith(name + "{"):
@@ -241,7 +326,9 @@ def test_live_worker_endpoints(redis_server, start_worker):
                  "pravaha_waiting_sequences", "pravaha_preemptions_total", "pravaha_step_seconds_count",
                  "pravaha_prompt_tokens_total"):
         metric(text, name)
-    assert get(base + "/drain") == (200, "draining\n")
+    assert get(base + "/drain") == (405, "use POST\n")
+    assert get(base + "/readyz") == (200, "ready\n"), "a GET must not drain"
+    assert post(base + "/drain") == (200, "draining\n")
     assert get(base + "/readyz") == (503, "draining\n")
     worker.proc.send_signal(signal.SIGTERM)
     assert worker.proc.wait(timeout=30) == 0

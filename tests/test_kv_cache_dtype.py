@@ -85,7 +85,7 @@ def test_worker_flag_and_env_reach_the_engine(monkeypatch):
     parser = argparse.ArgumentParser()
     add_worker_flags(parser, os.environ)
     assert config_from_args(parser.parse_args([])).engine.kv_cache_dtype == "bfloat16"
-    config = config_from_args(parser.parse_args(["--kv-cache-dtype", "float16"]))
+    config = config_from_args(parser.parse_args(["--kv-cache-dtype", "float16", "--metrics-port", "-1"]))
     assert config.engine.kv_cache_dtype == "float16"
 
     from worker.service import Worker

@@ -75,10 +75,15 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def cmd_worker(args: argparse.Namespace) -> int:
+    from .metrics import MetricsPortInUse
     from .service import Worker
     from .settings import config_from_args
 
-    worker = Worker(config_from_args(args))
+    try:
+        worker = Worker(config_from_args(args))
+    except MetricsPortInUse as exc:
+        print(f"pravaha worker: {exc}", file=sys.stderr)
+        return 2
     worker.install_signal_handlers()
     worker.run()
     return 0

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import errno
+import hmac
+import logging
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -12,6 +15,12 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600)
 STEP_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5)
 LIVENESS_S = 120.0   # the loop must come round at least this often to count as alive
+
+log = logging.getLogger("pravaha.worker")
+
+
+class MetricsPortInUse(RuntimeError):
+    """The metrics port is taken (another worker on this host?)."""
 
 
 class WorkerMetrics:
@@ -71,25 +80,40 @@ class _EngineCollector:
 
 class HealthServer:
     """/healthz: the loop is alive. /readyz: model loaded, Redis reachable, not draining.
-    /metrics: Prometheus text format. /drain: start draining (the pod's preStop hook)."""
+    /metrics: Prometheus text format. POST /drain: start draining (the pod's preStop hook); it needs
+    `Authorization: Bearer <drain_token>`, or with no token a loopback client."""
 
-    def __init__(self, worker, port: int, host: str = "0.0.0.0"):
+    def __init__(self, worker, port: int, host: str = "0.0.0.0", drain_token: str = ""):
         self.worker = worker
+        self.drain_token = drain_token
         handler = type("Handler", (_Handler,), {"health": self})
-        self.server = ThreadingHTTPServer((host, port), handler)
+        try:
+            self.server = ThreadingHTTPServer((host, port), handler)
+        except OSError as exc:
+            if exc.errno != errno.EADDRINUSE:
+                raise
+            raise MetricsPortInUse(f"metrics port {port} is in use (another worker on this host?); "
+                                   "--metrics-port 0 takes a free port, -1 serves none") from None
         self.port = self.server.server_address[1]
         self.thread = threading.Thread(target=self.server.serve_forever, name="pravaha-health", daemon=True)
 
     def start(self) -> HealthServer:
+        log.info("metrics, health and drain on port %d", self.port)
         self.thread.start()
         return self
 
     def stop(self) -> None:
-        self.server.shutdown()
+        if self.thread.is_alive():   # shutdown() waits forever on a server that never started
+            self.server.shutdown()
         self.server.server_close()
 
     def alive(self) -> bool:
         return time.monotonic() - self.worker.last_loop_at < LIVENESS_S
+
+    def may_drain(self, client_host: str, authorization: str | None) -> bool:
+        if self.drain_token:
+            return hmac.compare_digest((authorization or "").encode(), f"Bearer {self.drain_token}".encode())
+        return client_host in ("127.0.0.1", "::1", "::ffff:127.0.0.1")
 
     def ready(self) -> tuple[bool, str]:
         if self.worker.stopping:
@@ -110,17 +134,27 @@ class _Handler(BaseHTTPRequestHandler):
         elif path == "/readyz":
             ok, why = self.health.ready()
             self._send(200 if ok else 503, why.encode() + b"\n")
-        elif path == "/drain":   # the pod's preStop hook: stop reading now, SIGTERM follows
-            self.health.worker.stop()
-            self._send(200, b"draining\n")
+        elif path == "/drain":
+            self._send(405, b"use POST\n", allow="POST")
         elif path == "/metrics":
             self._send(200, generate_latest(self.health.worker.metrics.registry),
                        "text/plain; version=0.0.4; charset=utf-8")
         else:
             self._send(404, b"not found\n")
 
-    def _send(self, code: int, body: bytes, ctype: str = "text/plain; charset=utf-8") -> None:
+    def do_POST(self) -> None:  # noqa: N802 - http.server's name
+        if self.path.split("?", 1)[0] != "/drain":
+            self._send(405, b"only /drain takes POST\n", allow="GET")
+        elif not self.health.may_drain(self.client_address[0], self.headers.get("Authorization")):
+            self._send(403, b"forbidden\n")
+        else:   # the pod's preStop hook: stop reading now, SIGTERM follows
+            self.health.worker.stop()
+            self._send(200, b"draining\n")
+
+    def _send(self, code: int, body: bytes, ctype: str = "text/plain; charset=utf-8", allow: str = "") -> None:
         self.send_response(code)
+        if allow:
+            self.send_header("Allow", allow)
         self.send_header("Content-Type", ctype)
         self.send_header("Content-Length", str(len(body)))
         self.end_headers()

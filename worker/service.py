@@ -68,6 +68,9 @@ class Worker:
                  connection: redis.Redis | None = None):
         self.config = config
         self.names = Names(config.stream, config.group, config.prefix)
+        # Bound before the model loads: a taken port fails at once, not after minutes of loading.
+        self.health = (HealthServer(self, config.metrics_port, drain_token=config.drain_token)
+                       if config.metrics_port >= 0 else None)
         self.engine = engine or Engine(config=config.engine)
         self.redis = connection or redis.Redis.from_url(config.redis_url, socket_timeout=30,
                                                         socket_connect_timeout=5, health_check_interval=10)
@@ -88,7 +91,7 @@ class Worker:
     # ---- the loop --------------------------------------------------------------------
     def run(self) -> None:
         """Serve until SIGTERM/stop(); then drain in-flight requests and return."""
-        health = HealthServer(self, self.config.metrics_port).start() if self.config.metrics_port >= 0 else None
+        health = self.health.start() if self.health else None
         drain_until = None
         while True:
             now, stalled = time.monotonic(), time.monotonic() - self.last_loop_at > self._lease_ttl / 2

@@ -37,6 +37,8 @@ class WorkerConfig:
     result_ttl_s: how long results and event records stay in Redis.
     block_ms: longest blocking read while idle.
     metrics_port: port of /healthz, /readyz, /drain and /metrics; -1 turns the server off.
+    drain_token: bearer token POST /drain requires (set PRAVAHA_DRAIN_TOKEN: a flag shows in ps);
+      empty: only loopback clients may drain.
     """
 
     engine: EngineConfig = field(default_factory=EngineConfig)
@@ -51,6 +53,7 @@ class WorkerConfig:
     result_ttl_s: int = 24 * 3600
     block_ms: int = 1000
     metrics_port: int = 9400
+    drain_token: str = field(default="", repr=False)   # a secret: kept out of reprs and --help
 
     def __post_init__(self) -> None:
         if not isinstance(self.engine, EngineConfig):
@@ -113,7 +116,8 @@ def add_config_flags(parser, cls: type, selected: list[Field], environ: Mapping[
         if environ is not None and env in environ:
             default = from_env(env, environ[env], parse)
         where = f"env {env}; " if environ is not None else ""
-        help_text = f"{docs.get(f.name, '').rstrip('.')} ({where}default: {default})".replace("%", "%%")
+        shown = "<set>" if f.name.endswith("token") and default else default   # secrets stay off screen
+        help_text = f"{docs.get(f.name, '').rstrip('.')} ({where}default: {shown})".replace("%", "%%")
         flag = "--" + f.name.replace("_", "-")
         if hints[f.name] is bool:
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=default, help=help_text)
