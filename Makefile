@@ -9,7 +9,7 @@ PY := $(VENV)/bin/python
 TORCH_SPEC ?= torch==2.13.0
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo test bench clean
+.PHONY: install demo test bench chaos clean
 
 install: $(STAMP)
 
@@ -32,6 +32,10 @@ bench: $(STAMP)
 	$(PY) -m benchmarks.host
 	$(PY) benchmarks/structured.py
 	$(PY) benchmarks/gateway.py --clients 1000
+
+# Real redis-servers and workers killed, frozen and restarted; exits 1 on anything lost or duplicated.
+chaos: $(STAMP)
+	$(PY) benchmarks/chaos.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .hypothesis *.egg-info
