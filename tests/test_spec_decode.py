@@ -1,0 +1,113 @@
+"""Speculative decoding building blocks: config validation, n-gram proposals, greedy and
+rejection-sampling verification (chi-square against the target distribution), acceptance stats."""
+
+import pytest
+import torch
+
+from pravaha_core.spec_decode import (AcceptanceStats, SpeculativeConfig, check_draft_vocab, ngram_propose,
+                                      parse_speculative_config, verify_greedy, verify_sampled)
+
+# Chi-square critical value for 4 degrees of freedom at p = 0.001 (5-token vocabulary).
+CHI2_DF4_P001 = 18.467
+
+
+def test_config_parses_dict_and_json():
+    config = parse_speculative_config('{"method": "ngram", "num_speculative_tokens": 4}')
+    assert (config.method, config.num_speculative_tokens, config.prompt_lookup_min, config.prompt_lookup_max) == \
+        ("ngram", 4, 2, 4)
+    draft = parse_speculative_config({"method": "draft_model", "model": "dummy:llama-tiny", "num_speculative_tokens": 2})
+    assert draft.model == "dummy:llama-tiny"
+    assert parse_speculative_config(None) is None
+
+
+@pytest.mark.parametrize("settings, message", [
+    ({"method": "medusa", "num_speculative_tokens": 2}, "method"),
+    ({"method": "ngram", "num_speculative_tokens": 0}, "num_speculative_tokens"),
+    ({"method": "ngram", "num_speculative_tokens": 2, "prompt_lookup_min": 5}, "prompt_lookup_min"),
+    ({"method": "draft_model", "num_speculative_tokens": 2}, "model"),
+    ({"method": "ngram", "num_speculative_tokens": 2, "lookahead": 3}, "lookahead"),
+    ("{not json", "not JSON"),
+    ("[1]", "must be an object"),
+])
+def test_config_rejects_bad_settings(settings, message):
+    with pytest.raises(ValueError, match=message):
+        parse_speculative_config(settings)
+
+
+def test_draft_vocab_mismatch():
+    check_draft_vocab(100, 100)
+    with pytest.raises(ValueError, match="vocabulary"):
+        check_draft_vocab(100, 101)
+
+
+def test_ngram_proposes_continuation_of_latest_match():
+    #         0  1  2  3  4  5  6  7  8  9
+    tokens = [5, 6, 7, 8, 9, 5, 6, 7, 1, 5, 6, 7]
+    # Suffix [5, 6, 7] last occurred earlier at 5..7 followed by [1, 5, 6, 7].
+    assert ngram_propose(tokens, 3, 2, 4) == [1, 5, 6]
+    assert ngram_propose(tokens, 10, 2, 4) == [1, 5, 6, 7]
+    assert ngram_propose([1, 2, 3, 4], 4, 2, 4) == []
+    # The longest n-gram wins: suffix [3, 4] matches at two places, [2, 3, 4] only at the first.
+    assert ngram_propose([2, 3, 4, 7, 0, 3, 4, 8, 2, 3, 4], 2, 2, 3) == [7, 0]
+    assert ngram_propose([2, 3, 4, 7, 0, 3, 4, 8, 2, 3, 4], 2, 2, 2) == [8, 2]
+
+
+def test_greedy_verification_matches_plain_greedy():
+    assert verify_greedy([1, 2, 3], [1, 2, 3, 4]) == [1, 2, 3, 4]
+    assert verify_greedy([1, 2, 3], [1, 9, 3, 4]) == [1, 9]
+    assert verify_greedy([1, 2, 3], [7, 2, 3, 4]) == [7]
+    assert verify_greedy([], [5]) == [5]
+
+
+def _chi_square(samples: list[int], probs: torch.Tensor) -> float:
+    counts = torch.bincount(torch.tensor(samples), minlength=probs.shape[0]).double()
+    expected = probs.double() * len(samples)
+    return float(((counts - expected) ** 2 / expected).sum())
+
+
+@pytest.mark.parametrize("one_hot", [False, True])
+def test_rejection_sampling_keeps_the_target_distribution(one_hot):
+    """Each emitted position follows the target's row, whatever the draft proposed."""
+    gen = torch.Generator().manual_seed(1234)
+    target = torch.tensor([[0.10, 0.40, 0.20, 0.25, 0.05],
+                           [0.30, 0.05, 0.15, 0.20, 0.30],
+                           [0.20, 0.20, 0.20, 0.20, 0.20]])
+    draft = torch.tensor([[0.50, 0.10, 0.10, 0.20, 0.10],
+                          [0.05, 0.60, 0.05, 0.10, 0.20]])
+    first, second, num_accepted = [], [], 0
+    for _ in range(6000):
+        if one_hot:  # n-gram: a fixed guess, q one-hot on it
+            draft_ids, draft_probs = [1, 4], None
+        else:
+            draft_ids = [int(torch.multinomial(draft[i], 1, generator=gen)) for i in range(2)]
+            draft_probs = draft
+        kept = verify_sampled(draft_ids, target, draft_probs, torch.rand(2, generator=gen), torch.rand(3, generator=gen))
+        assert 1 <= len(kept) <= 3
+        num_accepted += len(kept) - 1
+        first.append(kept[0])
+        if len(kept) > 1:  # the second token exists only after the first draft was accepted
+            second.append(kept[1])
+    assert _chi_square(first, target[0]) < CHI2_DF4_P001
+    assert _chi_square(second, target[1]) < CHI2_DF4_P001
+    assert num_accepted > 0
+
+
+def test_rejection_sampling_is_deterministic_in_its_uniforms():
+    target = torch.softmax(torch.randn(3, 7, generator=torch.Generator().manual_seed(0)), -1)
+    u_accept, u_resample = torch.tensor([0.3, 0.9]), torch.tensor([0.1, 0.5, 0.7])
+    runs = {tuple(verify_sampled([2, 5], target, None, u_accept, u_resample)) for _ in range(3)}
+    assert len(runs) == 1
+
+
+def test_acceptance_stats_and_policy():
+    stats = AcceptanceStats(window=2, min_rate=0.5)
+    stats.record("a", 4, 4)
+    stats.record("a", 4, 0)
+    assert stats.should_speculate("a")  # mean 0.5 is not under min_rate
+    stats.record("a", 4, 1)
+    assert not stats.should_speculate("a")  # last two: 0 and 0.25
+    assert stats.should_speculate("b")
+    assert (stats.num_draft_tokens, stats.num_accepted_tokens) == (12, 5)
+    assert stats.mean_acceptance_length == pytest.approx((5 + 3) / 3)
+    stats.forget("a")
+    assert stats.should_speculate("a")
