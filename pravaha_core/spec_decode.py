@@ -1,4 +1,5 @@
 """Speculative decoding parts: config, n-gram proposer, verification rules, acceptance stats.
+Torch-free at import (the scheduler and the config use it).
 
 Engine-free building blocks. Verification takes the target's per-position distributions
 over the k+1 rows a speculating sequence contributes ([k+1, V]: one row per draft token and
@@ -11,10 +12,12 @@ from __future__ import annotations
 import json
 from collections import deque
 from dataclasses import dataclass, field
-
-import torch
+from typing import TYPE_CHECKING
 
 from .fields import reject_unknown_keywords
+
+if TYPE_CHECKING:
+    import torch
 
 METHODS = ("ngram", "draft_model")
 
@@ -128,6 +131,8 @@ def verify_sampled(draft_ids: list[int], target_probs: torch.Tensor, draft_probs
 
 def _inverse_cdf(weights: torch.Tensor, u: float) -> int:
     """The token whose cumulative share of `weights` [V] first exceeds u (weights unnormalized)."""
+    import torch   # lazily: the config and proposer parts stay torch-free for the scheduler
+
     cdf = torch.cumsum(weights.double(), 0)
     index = int(torch.searchsorted(cdf, torch.tensor([u * float(cdf[-1])], dtype=torch.float64), right=True))
     return min(index, weights.shape[0] - 1)
@@ -168,3 +173,33 @@ class AcceptanceStats:
     def mean_acceptance_length(self) -> float:
         """Tokens emitted per verification step: accepted drafts plus the target's own token."""
         return (self.num_accepted_tokens + self.num_steps) / self.num_steps if self.num_steps else 0.0
+
+
+def is_plain_greedy(params) -> bool:
+    """Speculation's scope: greedy rows whose token is the raw argmax, one at a time judged only
+    by token ids. Stop strings, logprobs, penalties and grammars keep the one-token path."""
+    return (params.temperature == 0 and not params.stop and params.logprobs is None
+            and params.structured_outputs is None and params.repetition_penalty == 1
+            and params.presence_penalty == 0 and params.frequency_penalty == 0)
+
+
+class NgramSpeculator:
+    """Proposes drafts for the scheduler and keeps the acceptance counters. Torch-free."""
+
+    def __init__(self, config: SpeculativeConfig):
+        if config.method != "ngram":
+            raise ValueError(f"speculative_config.method: {config.method!r} is not supported by the engine yet "
+                             "(only ngram)")
+        self.config = config
+        self.stats = AcceptanceStats()
+
+    def propose(self, seq, limit: int) -> list[int]:
+        """Up to min(k, limit) draft tokens for `seq` (a decode row), or [] when it should not speculate."""
+        params = seq.params
+        if limit < 1 or not is_plain_greedy(params) or seq.num_output_tokens < params.min_tokens:
+            return []
+        if not self.stats.should_speculate(seq.seq_id):
+            return []
+        c = self.config
+        return ngram_propose(seq.token_ids, min(c.num_speculative_tokens, limit),
+                             c.prompt_lookup_min, c.prompt_lookup_max)

@@ -111,3 +111,88 @@ def test_acceptance_stats_and_policy():
     assert stats.mean_acceptance_length == pytest.approx((5 + 3) / 3)
     stats.forget("a")
     assert stats.should_speculate("a")
+
+
+# ---- in the engine ---------------------------------------------------------------------------
+from pravaha_core import Engine, SamplingParams  # noqa: E402
+from pravaha_core.block_manager import BlockManager  # noqa: E402
+from pravaha_core.scheduler import ModelRunnerOutput, Scheduler  # noqa: E402
+from pravaha_core.sequence import Sequence  # noqa: E402
+from pravaha_core.spec_decode import NgramSpeculator  # noqa: E402
+
+NGRAM = {"method": "ngram", "num_speculative_tokens": 4, "prompt_lookup_min": 2, "prompt_lookup_max": 4}
+# Repeated spans, so prompt lookup finds matches (random weights also loop under greedy).
+SPEC_PROMPTS = [[5, 9, 13, 17, 5, 9, 13, 17, 5, 9], [40, 41, 42, 43, 44, 40, 41, 42], [7, 8, 7, 8, 7, 8, 7],
+                [100, 3, 200, 3, 100, 3]]
+
+
+def _pair(path: str, params: SamplingParams, **settings):
+    off = Engine(path, **settings).generate(SPEC_PROMPTS, params)
+    engine = Engine(path, speculative_config=NGRAM, **settings)
+    on = engine.generate(SPEC_PROMPTS, params)
+    return off, on, engine
+
+
+def _tokens(outs):
+    return [[c.token_ids for c in o.outputs] for o in outs]
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen3", "phi3", "gemma2"])
+def test_greedy_identical_with_ngram(checkpoint, family):
+    params = SamplingParams(max_tokens=24, temperature=0.0)
+    off, on, engine = _pair(checkpoint(family), params, kv_cache_bytes=1 << 22, block_size=4)
+    assert _tokens(on) == _tokens(off)
+    assert [o.outputs[0].text for o in on] == [o.outputs[0].text for o in off]
+    assert engine.stats.num_spec_accepted_tokens > 0, "nothing was accepted: the test proves nothing"
+    assert engine.kv_cache_info()["blocks_free"] == engine.kv_cache_info()["num_blocks"]
+
+
+@pytest.mark.parametrize("settings", [dict(max_num_batched_tokens=7), dict(kv_cache_bytes=None)],
+                         ids=["chunked", "preempted"])
+def test_greedy_identical_chunked_and_preempted_and_n2(checkpoint, settings):
+    path = checkpoint("llama")
+    if settings.get("kv_cache_bytes", 1) is None:   # a cache of a few blocks forces preemption
+        probe = Engine(path, kv_cache_bytes=1 << 20, block_size=4)
+        settings = dict(kv_cache_bytes=10 * probe.bytes_per_block)
+    params = SamplingParams(max_tokens=20, temperature=0.0, n=2, stop_token_ids=[41])
+    off, on, engine = _pair(path, params, block_size=4, **dict({"kv_cache_bytes": 1 << 22}, **settings))
+    assert _tokens(on) == _tokens(off)
+    assert [c.finish_reason for o in on for c in o.outputs] == [c.finish_reason for o in off for c in o.outputs]
+    assert engine.stats.num_spec_accepted_tokens > 0
+    if "max_num_batched_tokens" not in settings:
+        assert engine.stats.num_preemptions > 0
+
+
+def test_stream_deltas_add_up_with_speculation(checkpoint):
+    engine = Engine(checkpoint("llama"), speculative_config=NGRAM, kv_cache_bytes=1 << 22, block_size=4)
+    params = SamplingParams(max_tokens=30, temperature=0.0)
+    deltas = list(engine.stream(SPEC_PROMPTS[0], params))
+    whole = engine.generate([SPEC_PROMPTS[0]], params)[0].outputs[0]
+    assert "".join(d.outputs[0].text for d in deltas) == whole.text
+    assert [t for d in deltas for t in d.outputs[0].token_ids] == whole.token_ids
+    assert len(whole.token_ids) == 30 and len(deltas) < 30   # some steps emitted several tokens
+
+
+def test_rollback_frees_exactly_the_rejected_blocks():
+    """Hand-made verification result: 3 drafts, 1 accepted; the block past the kept tokens is freed."""
+    bm = BlockManager(num_blocks=16, block_size=2)
+    speculator = NgramSpeculator(SpeculativeConfig("ngram", 4))
+    scheduler = Scheduler(bm, max_num_seqs=4, max_num_batched_tokens=64, max_model_len=64,
+                          eos_token_ids={0}, speculator=speculator)
+    seq = Sequence("r", [1, 2, 3, 1, 2, 3, 1], SamplingParams(max_tokens=20, temperature=0.0), seed=0)
+    scheduler.add(seq)
+    prefill = scheduler.schedule()
+    scheduler.update(prefill, ModelRunnerOutput({seq.seq_id: 2}))        # 8 tokens, 7 computed
+    assert len(seq.block_table) == 4
+    plan = scheduler.schedule()
+    chunk = plan.chunks[0]
+    assert chunk.draft_ids == [3, 1, 2] and (chunk.start, chunk.num_tokens) == (7, 4)
+    assert len(seq.block_table) == 6 and bm.num_free_blocks == 10          # rows up to position 10
+    scheduler.update(plan, ModelRunnerOutput({}, spec_token_ids={seq.seq_id: [3, 9]}))
+    assert seq.token_ids[8:] == [3, 9] and seq.num_computed_tokens == 9
+    assert len(seq.block_table) == 5 and bm.num_free_blocks == 11          # positions 0..8 kept
+    assert (speculator.stats.num_draft_tokens, speculator.stats.num_accepted_tokens) == (3, 1)
+    plan = scheduler.schedule()                                             # [3, 9] never occurred
+    assert not plan.chunks[0].draft_ids and plan.chunks[0].num_tokens == 1
+    scheduler.update(plan, ModelRunnerOutput({seq.seq_id: 0}))              # EOS
+    assert seq.is_finished and bm.num_free_blocks == 16
