@@ -57,7 +57,7 @@ class EngineConfig:
       triton backend); off: every step eager (vLLM's enforce_eager).
     speculative_config: none (off) or vLLM's object as a dict or JSON, e.g. {"method": "ngram",
       "num_speculative_tokens": 4, "prompt_lookup_min": 2, "prompt_lookup_max": 4}; plain greedy
-      sequences without stop strings, logprobs or structured outputs speculate.
+      n=1 sequences without stop strings, logprobs, penalties or structured outputs speculate.
     """
 
     model: str = "dummy:llama-tiny"

@@ -177,8 +177,9 @@ class AcceptanceStats:
 
 def is_plain_greedy(params) -> bool:
     """Speculation's scope: greedy rows whose token is the raw argmax, one at a time judged only
-    by token ids. Stop strings, logprobs, penalties and grammars keep the one-token path."""
-    return (params.temperature == 0 and not params.stop and params.logprobs is None
+    by token ids. Stop strings, logprobs, penalties, grammars and n > 1 (greedy n=2 with
+    chunked prefill diverged; not yet understood) keep the one-token path."""
+    return (params.n == 1 and params.temperature == 0 and not params.stop and params.logprobs is None
             and params.structured_outputs is None and params.repetition_penalty == 1
             and params.presence_penalty == 0 and params.frequency_penalty == 0)
 

@@ -147,14 +147,21 @@ def test_greedy_identical_with_ngram(checkpoint, family):
     assert engine.kv_cache_info()["blocks_free"] == engine.kv_cache_info()["num_blocks"]
 
 
+def test_n2_requests_do_not_speculate_and_match(checkpoint):
+    params = SamplingParams(max_tokens=20, temperature=0.0, n=2)
+    off, on, engine = _pair(checkpoint("llama"), params, kv_cache_bytes=1 << 22, block_size=4,
+                            max_num_batched_tokens=7)
+    assert _tokens(on) == _tokens(off) and engine.stats.num_spec_steps == 0
+
+
 @pytest.mark.parametrize("settings", [dict(max_num_batched_tokens=7), dict(kv_cache_bytes=None)],
                          ids=["chunked", "preempted"])
-def test_greedy_identical_chunked_and_preempted_and_n2(checkpoint, settings):
+def test_greedy_identical_chunked_and_preempted(checkpoint, settings):
     path = checkpoint("llama")
     if settings.get("kv_cache_bytes", 1) is None:   # a cache of a few blocks forces preemption
         probe = Engine(path, kv_cache_bytes=1 << 20, block_size=4)
         settings = dict(kv_cache_bytes=10 * probe.bytes_per_block)
-    params = SamplingParams(max_tokens=20, temperature=0.0, n=2, stop_token_ids=[41])
+    params = SamplingParams(max_tokens=20, temperature=0.0, stop_token_ids=[41])
     off, on, engine = _pair(path, params, block_size=4, **dict({"kv_cache_bytes": 1 << 22}, **settings))
     assert _tokens(on) == _tokens(off)
     assert [c.finish_reason for o in on for c in o.outputs] == [c.finish_reason for o in off for c in o.outputs]
