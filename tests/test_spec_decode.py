@@ -203,3 +203,22 @@ def test_rollback_frees_exactly_the_rejected_blocks():
     assert not plan.chunks[0].draft_ids and plan.chunks[0].num_tokens == 1
     scheduler.update(plan, ModelRunnerOutput({seq.seq_id: 0}))              # EOS
     assert seq.is_finished and bm.num_free_blocks == 16
+
+
+def test_worker_flag_and_env_take_json():
+    import argparse
+    from dataclasses import fields
+
+    from pravaha_core.config import EngineConfig
+    from worker.settings import add_config_flags
+
+    selected = [f for f in fields(EngineConfig) if f.name == "speculative_config"]
+    parser = argparse.ArgumentParser()
+    add_config_flags(parser, EngineConfig, selected, {"PRAVAHA_SPECULATIVE_CONFIG": '{"method": "ngram", '
+                                                      '"num_speculative_tokens": 3}'})
+    assert parser.parse_args([]).speculative_config["num_speculative_tokens"] == 3
+    args = parser.parse_args(["--speculative-config", '{"method": "ngram", "num_speculative_tokens": 2}'])
+    config = EngineConfig(speculative_config=args.speculative_config)
+    assert config.speculative_config["num_speculative_tokens"] == 2
+    with pytest.raises(ValueError, match="num_speculative_tokens"):
+        EngineConfig(speculative_config={"method": "ngram", "num_speculative_tokens": 0})
