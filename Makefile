@@ -30,6 +30,7 @@ test: $(STAMP)
 bench: $(STAMP)
 	$(VENV)/bin/pravaha bench
 	$(PY) -m benchmarks.host
+	$(PY) -m benchmarks.spec_decode
 	$(PY) benchmarks/structured.py
 	$(PY) benchmarks/gateway.py --clients 1000
 

@@ -98,6 +98,13 @@ class BlockManager:
         seq.block_table.extend(self.allocator.allocate() for _ in range(missing))
         return True
 
+    def trim(self, seq: Sequence) -> None:
+        """Speculation rollback: free the blocks past those holding the computed tokens (they
+        hold only rejected drafts' K/V; rejected slots inside a kept block are overwritten later)."""
+        keep = self.blocks_for(seq.num_computed_tokens)
+        while len(seq.block_table) > keep:
+            self.allocator.free(seq.block_table.pop())
+
     def free(self, seq: Sequence) -> None:
         """Release every block of `seq` (each one returns to the free list when unshared);
         the tail goes back first, so it is the first to be reused."""

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
+from dataclasses import asdict, dataclass, fields
 
 from .fields import check_known, reject_unknown_keywords
+from .spec_decode import parse_speculative_config
 
 SUPPORTED_DTYPES = ("float32", "float16", "bfloat16")
 QUANTIZATION_METHODS = ("int8", "gptq", "awq")
@@ -54,6 +55,9 @@ class EngineConfig:
       (one paged flash-attention kernel; CUDA, or TRITON_INTERPRET=1 on the CPU).
     cuda_graphs: CUDA: decode steps replayed from CUDA graphs captured at start-up (needs the
       triton backend); off: every step eager (vLLM's enforce_eager).
+    speculative_config: none (off) or vLLM's object as a dict or JSON, e.g. {"method": "ngram",
+      "num_speculative_tokens": 4, "prompt_lookup_min": 2, "prompt_lookup_max": 4}; plain greedy
+      n=1 sequences without stop strings, logprobs, penalties or structured outputs speculate.
     """
 
     model: str = "dummy:llama-tiny"
@@ -76,6 +80,7 @@ class EngineConfig:
     quantization: str | None = None
     attention_backend: str = "auto"
     cuda_graphs: bool = True
+    speculative_config: dict | None = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.model, str) or not self.model:
@@ -110,6 +115,8 @@ class EngineConfig:
         if self.attention_backend not in ATTENTION_BACKENDS:
             raise ValueError(f"attention_backend: {self.attention_backend!r} is not one of "
                              f"{', '.join(ATTENTION_BACKENDS)}")
+        if self.speculative_config is not None:
+            self.speculative_config = asdict(parse_speculative_config(self.speculative_config))
         if self.load_format not in ("auto", "dummy"):
             raise ValueError(f"load_format: {self.load_format!r} is not 'auto' or 'dummy'")
 

@@ -22,6 +22,7 @@ from .outputs import CompletionOutput, RequestOutput, append_delta
 from .sampling_params import SamplingParams
 from .scheduler import ModelRunnerOutput, Scheduler, SchedulerOutput
 from .sequence import Sequence, _arrival_counter
+from .spec_decode import NgramSpeculator, parse_speculative_config
 from .structured import StructuredOutputs
 
 Prompt = str | list[int]
@@ -63,8 +64,10 @@ class Engine:
         self.structured = StructuredOutputs(self.tokenizer, self.vocab_size)
         self.runner = ModelRunner(loaded, config, num_blocks, eos, cpu, self.structured)
         self.block_manager = BlockManager(num_blocks, config.block_size, config.enable_prefix_caching)
+        speculator = (NgramSpeculator(parse_speculative_config(config.speculative_config))
+                      if config.speculative_config else None)
         self.scheduler = Scheduler(self.block_manager, config.max_num_seqs,
-                                   config.max_num_batched_tokens, self.max_model_len, eos)
+                                   config.max_num_batched_tokens, self.max_model_len, eos, speculator)
         self.stats = EngineStats()
         self._requests: dict[str, _Request] = {}
         self._reports: list[RequestOutput] = []   # finished outside a step (error at add, abort)
@@ -284,6 +287,10 @@ class Engine:
             p = c.seq.num_prompt_tokens
             s.num_prompt_tokens += max(0, min(c.start + c.num_tokens, p) - c.start)
         s.num_generated_tokens += num_sampled
+        if self.scheduler.speculator is not None:
+            spec = self.scheduler.speculator.stats
+            s.num_spec_draft_tokens, s.num_spec_accepted_tokens = spec.num_draft_tokens, spec.num_accepted_tokens
+            s.num_spec_steps = spec.num_steps
         s.num_preemptions = self.scheduler.num_preemptions
         s.num_cached_prompt_tokens = self.scheduler.num_cached_tokens
         g = self.structured.stats

@@ -17,6 +17,9 @@ class EngineStats:
     num_grammars_compiled: int = 0   # structured outputs: grammars compiled (cache misses)
     num_grammar_cache_hits: int = 0
     grammar_compile_time_s: float = 0.0   # on the compile thread, off the step loop
+    num_spec_steps: int = 0          # speculative verifications (one per speculating row and step)
+    num_spec_draft_tokens: int = 0
+    num_spec_accepted_tokens: int = 0
 
     def as_dict(self) -> dict:
         return asdict(self)

@@ -13,6 +13,7 @@ from .sampler import sample
 from .sampling_rows import SamplingRows
 from .scheduler import ModelRunnerOutput, ScheduledChunk, SchedulerOutput
 from .sequence import Sequence
+from .spec_decode import verify_greedy
 from .structured import StructuredOutputs
 
 
@@ -61,9 +62,10 @@ class ModelRunner:
             meta = self.attention.build_metadata(layout)
             hidden = self.model(input_ids, layout.positions.to(self.device), meta, self.kv_caches)
         last_index = (layout.offsets + layout.lens - 1).tolist()
-        sampling = [c.seq for c in chunks if c.samples]
+        verified = self._verify_drafts(chunks, layout, hidden)
+        sampling = [c.seq for c in chunks if c.samples and not c.draft_ids]
         if not sampling:
-            return ModelRunnerOutput({})
+            return ModelRunnerOutput({}, spec_token_ids=verified)
         allowed = self.structured.bitmask(sampling) if self.structured is not None else None
         rows = torch.tensor([last_index[i] for i, c in enumerate(chunks) if c.samples], device=self.device)
         logits = self.model.compute_logits(hidden[rows])                       # [N, V]
@@ -76,11 +78,28 @@ class ModelRunner:
             for seq, token, entry in zip(sampling, out.token_ids, out.logprobs):
                 if seq.params.logprobs is not None:
                     logprobs[seq.seq_id] = _top(entry, seq.params.logprobs, token)
-        return ModelRunnerOutput({s.seq_id: t for s, t in zip(sampling, out.token_ids)}, logprobs)
+        return ModelRunnerOutput({s.seq_id: t for s, t in zip(sampling, out.token_ids)}, logprobs, verified)
+
+    def _verify_drafts(self, chunks: list[ScheduledChunk], layout: StepLayout, hidden: torch.Tensor) -> dict:
+        """Greedy verification of the speculating chunks: their last k+1 rows' argmax against
+        the drafts (only plain greedy rows speculate, so the argmax is the sampler's token)."""
+        spec = [(i, c) for i, c in enumerate(chunks) if c.draft_ids]
+        if not spec:
+            return {}
+        offsets, lens = layout.offsets.tolist(), layout.lens.tolist()
+        rows = [r for i, c in spec for r in range(offsets[i] + lens[i] - len(c.draft_ids) - 1, offsets[i] + lens[i])]
+        argmax = self.model.compute_logits(hidden[torch.tensor(rows, device=self.device)]).float().max(dim=-1).indices.tolist()
+        verified, at = {}, 0
+        for _, c in spec:
+            n = len(c.draft_ids) + 1
+            verified[c.seq.seq_id] = verify_greedy(c.draft_ids, argmax[at:at + n])
+            at += n
+        return verified
 
     def _prepare(self, chunks: list[ScheduledChunk]) -> tuple[torch.Tensor, StepLayout]:
         """(input ids [T] on the device, the step's layout on the host)."""
-        ids = [t for c in chunks for t in c.seq.token_ids[c.start:c.start + c.num_tokens]]
+        ids = [t for c in chunks
+               for t in c.seq.token_ids[c.start:c.start + c.num_tokens - len(c.draft_ids)] + c.draft_ids]
         layout = StepLayout.build([c.num_tokens for c in chunks], [c.start for c in chunks],
                                   [c.seq.block_table for c in chunks], self.block_size)
         return torch.tensor(ids, device=self.device), layout

@@ -12,20 +12,23 @@ from dataclasses import dataclass, field
 
 from .block_manager import BlockManager
 from .sequence import Sequence, SequenceStatus
+from .spec_decode import NgramSpeculator
 
 
 @dataclass
 class ScheduledChunk:
     """`num_tokens` tokens of `seq`, from position `start`, go through the model this step.
-    `samples`: the chunk reaches the sequence's end, so a next token is sampled."""
+    `samples`: the chunk reaches the sequence's end, so a next token is sampled.
+    `draft_ids`: speculative tokens appended to the chunk (its last num_tokens - 1 rows)."""
 
     seq: Sequence
     start: int
     num_tokens: int
+    draft_ids: list[int] = field(default_factory=list)
     samples: bool = field(init=False)
 
     def __post_init__(self) -> None:
-        self.samples = self.start + self.num_tokens == self.seq.num_tokens
+        self.samples = self.start + self.num_tokens - len(self.draft_ids) == self.seq.num_tokens
 
 
 @dataclass
@@ -42,6 +45,7 @@ class SchedulerOutput:
 class ModelRunnerOutput:
     sampled_token_ids: dict[int, int]  # seq_id -> next token, for chunks that sample
     logprobs: dict[int, dict[int, float]] = field(default_factory=dict)  # seq_id -> {token: logprob}
+    spec_token_ids: dict[int, list[int]] = field(default_factory=dict)  # seq_id -> verified tokens (1..k+1)
 
 
 class Scheduler:
@@ -53,7 +57,8 @@ class Scheduler:
     """
 
     def __init__(self, block_manager: BlockManager, max_num_seqs: int,
-                 max_num_batched_tokens: int, max_model_len: int, eos_token_ids: set[int]):
+                 max_num_batched_tokens: int, max_model_len: int, eos_token_ids: set[int],
+                 speculator: NgramSpeculator | None = None):
         self.block_manager = block_manager
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
@@ -63,6 +68,7 @@ class Scheduler:
         self.running: list[Sequence] = []
         self.num_preemptions = 0
         self.num_cached_tokens = 0     # prompt tokens served from the prefix cache
+        self.speculator = speculator
 
     # ---- admission -------------------------------------------------------------------
     def add(self, seq: Sequence) -> None:
@@ -126,14 +132,25 @@ class Scheduler:
         while i < len(self.running) and budget > 0:
             seq = self.running[i]
             num_tokens = min(seq.num_uncomputed_tokens, budget)
-            if not self._make_room(seq, num_tokens, out.preempted):
+            drafts = self._drafts(seq, budget) if num_tokens == 1 else []
+            if not self._make_room(seq, num_tokens + len(drafts), out.preempted):
                 break  # `seq` itself was preempted; it was the newest, so nothing follows it
-            out.chunks.append(ScheduledChunk(seq, seq.num_computed_tokens, num_tokens))
+            out.chunks.append(ScheduledChunk(seq, seq.num_computed_tokens, num_tokens + len(drafts), drafts))
+            num_tokens += len(drafts)
             budget -= num_tokens
             i += 1
         if not out.preempted:
             self._admit_waiting(out, budget)
         return out
+
+    def _drafts(self, seq: Sequence, budget: int) -> list[int]:
+        """Draft tokens for a decode row: never past max_tokens or the context (the verified
+        run adds one token of its own) nor the step's token budget."""
+        if self.speculator is None:
+            return []
+        limit = min(budget - 1, seq.params.max_tokens - seq.num_output_tokens - 1,
+                    self.max_model_len - seq.num_tokens - 1)
+        return self.speculator.propose(seq, limit)
 
     def _make_room(self, seq: Sequence, num_tokens: int, preempted: list[Sequence]) -> bool:
         """Allocate slots for `seq`, preempting the newest running sequences as needed."""
@@ -192,6 +209,9 @@ class Scheduler:
         changed = []
         for chunk in plan.chunks:
             seq = chunk.seq
+            if chunk.draft_ids:
+                self._absorb_verified(chunk, result.spec_token_ids[seq.seq_id], changed)
+                continue
             seq.num_computed_tokens += chunk.num_tokens
             self.block_manager.commit(seq)
             if seq.pending_forks and seq.num_computed_tokens >= seq.fork_at:
@@ -208,6 +228,30 @@ class Scheduler:
         if any(seq.is_finished for seq in changed):
             self.running = [s for s in self.running if not s.is_finished]
         return changed
+
+    def _absorb_verified(self, chunk: ScheduledChunk, tokens: list[int], changed: list[Sequence]) -> None:
+        """Keep the verified run: the accepted drafts' K/V stays, the rejected rows' slots are
+        rolled back (blocks past the kept ones freed); tokens are appended one by one, so EOS,
+        stop tokens and max_tokens end the run exactly where one-token decoding would."""
+        seq, num_accepted = chunk.seq, len(tokens) - 1
+        self.speculator.stats.record(seq.seq_id, len(chunk.draft_ids), num_accepted)
+        reason = None
+        for token in tokens:
+            seq.token_ids.append(token)
+            reason = self._stop_reason(seq, token)
+            if reason:
+                break
+        # Computed rows: the chunk's real token and the accepted drafts, of which only those
+        # kept (a stop may cut the run) have token ids to name their blocks by.
+        num_computed = chunk.start + chunk.num_tokens - len(chunk.draft_ids) + num_accepted
+        seq.num_computed_tokens = min(num_computed, seq.num_tokens)
+        self.block_manager.trim(seq)
+        self.block_manager.commit(seq)
+        if reason:
+            seq.finish(reason)
+            self.block_manager.free(seq)
+            self.speculator.stats.forget(seq.seq_id)
+        changed.append(seq)
 
     def _stop_reason(self, seq: Sequence, token: int) -> str | None:
         params = seq.params

@@ -8,6 +8,7 @@ help text of its entry in the class docstring. A new field needs nothing more.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import socket
 import typing
@@ -147,6 +148,11 @@ def value_parser(hint):
             if text.strip().lower() not in _TRUE + _FALSE:
                 raise ValueError(f"expected one of {', '.join(_TRUE + _FALSE)}")
             return text.strip().lower() in _TRUE
+        if base is dict:
+            value = json.loads(text)   # JSONDecodeError is a ValueError
+            if not isinstance(value, dict):
+                raise ValueError("expected a JSON object")
+            return value
         return base(text)
 
     parse.__name__ = getattr(base, "__name__", "value")   # argparse names the type in its errors
