@@ -60,12 +60,15 @@ class ModelRunner:
         else:
             meta = self.attention.build_metadata(layout)
             hidden = self.model(input_ids, layout.positions.to(self.device), meta, self.kv_caches)
-        last_index = (layout.offsets + layout.lens - 1).tolist()
+        samples = [c.samples for c in chunks]
         sampling = [c.seq for c in chunks if c.samples]
         if not sampling:
             return ModelRunnerOutput({})
         allowed = self.structured.bitmask(sampling) if self.structured is not None else None
-        rows = torch.tensor([last_index[i] for i, c in enumerate(chunks) if c.samples], device=self.device)
+        rows = layout.offsets + layout.lens - 1                                 # [B] each chunk's last row
+        if len(sampling) < len(chunks):
+            rows = rows[torch.tensor(samples)]
+        rows = rows.to(self.device, non_blocking=True)
         logits = self.model.compute_logits(hidden[rows])                       # [N, V]
         batch = self.sampling_rows.batch(sampling, self.eos_token_ids)
         if allowed is not None:
@@ -76,7 +79,7 @@ class ModelRunner:
             for seq, token, entry in zip(sampling, out.token_ids, out.logprobs):
                 if seq.params.logprobs is not None:
                     logprobs[seq.seq_id] = _top(entry, seq.params.logprobs, token)
-        return ModelRunnerOutput({s.seq_id: t for s, t in zip(sampling, out.token_ids)}, logprobs)
+        return ModelRunnerOutput(dict(zip([s.seq_id for s in sampling], out.token_ids)), logprobs)
 
     def _prepare(self, chunks: list[ScheduledChunk]) -> tuple[torch.Tensor, StepLayout]:
         """(input ids [T] on the device, the step's layout on the host)."""

@@ -57,12 +57,17 @@ class StepLayout:
         num_decode = next((i for i, n in enumerate(lens) if n != 1), len(lens))
         assert all(n > 1 for n in lens[num_decode:]), "decode chunks must come first"
         lens_t, starts_t = torch.tensor(lens), torch.tensor(starts)
+        width = max(map(len, tables))
+        block_tables = torch.tensor([t + [0] * (width - len(t)) for t in tables])
+        if num_decode == len(lens):   # steady decode: one row per chunk, at its start
+            seq_idx = torch.arange(num_decode)
+            slots = block_tables[seq_idx, starts_t // block_size] * block_size + starts_t % block_size
+            return cls(lens_t, starts_t, torch.arange(num_decode), seq_idx, starts_t.clone(), block_tables,
+                       slots, num_decode)
         ends = lens_t.cumsum(0)
         offsets = ends - lens_t
         seq_idx = torch.repeat_interleave(torch.arange(len(lens)), lens_t)
         positions = torch.arange(int(ends[-1])) - offsets[seq_idx] + starts_t[seq_idx]      # [T]
-        width = max(map(len, tables))
-        block_tables = torch.tensor([t + [0] * (width - len(t)) for t in tables])
         slots = block_tables[seq_idx, positions // block_size] * block_size + positions % block_size
         return cls(lens_t, starts_t, offsets, seq_idx, positions, block_tables, slots, num_decode)
 
