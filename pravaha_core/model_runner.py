@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 from . import kernels
@@ -86,7 +87,7 @@ class ModelRunner:
         ids = [t for c in chunks for t in c.seq.token_ids[c.start:c.start + c.num_tokens]]
         layout = StepLayout.build([c.num_tokens for c in chunks], [c.start for c in chunks],
                                   [c.seq.block_table for c in chunks], self.block_size)
-        return torch.tensor(ids, device=self.device), layout
+        return torch.from_numpy(np.array(ids, dtype=np.int64)).to(self.device), layout
 
 
 def _top(entry: dict[int, float], k: int, token: int) -> dict[int, float]:
