@@ -35,6 +35,8 @@ class _Request:
 
     @property
     def finished(self) -> bool:
+        if len(self.streams) == 1:
+            return self.streams[0].seq.is_finished
         return all(s.seq.is_finished for s in self.streams.values())
 
 
@@ -229,14 +231,20 @@ class Engine:
     def _absorb(self, changed: list[Sequence], result: ModelRunnerOutput) -> list[RequestOutput]:
         """Detokenize the step's new tokens, apply stop strings, and build the deltas."""
         by_request: dict[str, list[Sequence]] = {}
+        logprobs, constrained = result.logprobs, self.structured.has_bound
         for seq in changed:
             stream = self._requests[seq.request_id].streams[seq.index]
-            if seq.seq_id in result.logprobs:
-                stream.pending_logprobs.append(result.logprobs[seq.seq_id])
-            self._follow_grammar(seq)
+            if logprobs and seq.seq_id in logprobs:
+                stream.pending_logprobs.append(logprobs[seq.seq_id])
+            if constrained:
+                self._follow_grammar(seq)
             if stream.absorb():
                 self.scheduler.finish(seq, "stop")
-            by_request.setdefault(seq.request_id, []).append(seq)
+            seqs = by_request.get(seq.request_id)
+            if seqs is None:
+                by_request[seq.request_id] = [seq]
+            else:
+                seqs.append(seq)
         return [self._report(rid, seqs) for rid, seqs in by_request.items()]
 
     def _follow_grammar(self, seq: Sequence) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 from . import kernels
@@ -61,13 +62,16 @@ class ModelRunner:
         else:
             meta = self.attention.build_metadata(layout)
             hidden = self.model(input_ids, layout.positions.to(self.device), meta, self.kv_caches)
-        last_index = (layout.offsets + layout.lens - 1).tolist()
         verified = self._verify_drafts(chunks, layout, hidden)
-        sampling = [c.seq for c in chunks if c.samples and not c.draft_ids]
+        samples = [bool(c.samples) and not c.draft_ids for c in chunks]
+        sampling = [c.seq for c, s in zip(chunks, samples) if s]
         if not sampling:
             return ModelRunnerOutput({}, spec_token_ids=verified)
         allowed = self.structured.bitmask(sampling) if self.structured is not None else None
-        rows = torch.tensor([last_index[i] for i, c in enumerate(chunks) if c.samples], device=self.device)
+        rows = layout.offsets + layout.lens - 1                                 # [B] each chunk's last row
+        if len(sampling) < len(chunks):
+            rows = rows[torch.tensor(samples)]
+        rows = rows.to(self.device, non_blocking=True)
         logits = self.model.compute_logits(hidden[rows])                       # [N, V]
         batch = self.sampling_rows.batch(sampling, self.eos_token_ids)
         if allowed is not None:
@@ -102,7 +106,7 @@ class ModelRunner:
                for t in c.seq.token_ids[c.start:c.start + c.num_tokens - len(c.draft_ids)] + c.draft_ids]
         layout = StepLayout.build([c.num_tokens for c in chunks], [c.start for c in chunks],
                                   [c.seq.block_table for c in chunks], self.block_size)
-        return torch.tensor(ids, device=self.device), layout
+        return torch.from_numpy(np.array(ids, dtype=np.int64)).to(self.device), layout
 
 
 def _top(entry: dict[int, float], k: int, token: int) -> dict[int, float]:

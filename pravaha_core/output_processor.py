@@ -33,10 +33,13 @@ class CompletionStream:
         new_ids = seq.token_ids[seq.num_prompt_tokens + self.num_decoded:]   # no copy of the whole output
         self.num_decoded += len(new_ids)
         before = len(self.text)
-        self.text += self.detok.add(new_ids) if new_ids else ""
+        if new_ids:
+            self.text += self.detok.add(new_ids)
         if seq.is_finished:
             self.text += self.detok.flush()
-        if params.stop and seq.num_output_tokens >= params.min_tokens:
+        if not params.stop:
+            return False
+        if seq.num_output_tokens >= params.min_tokens:
             longest = max(map(len, params.stop))
             window_start = max(0, before - longest + 1)
             hit = _find_stop(self.text, params.stop, window_start)

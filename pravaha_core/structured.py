@@ -189,6 +189,11 @@ class StructuredOutputs:
                 matcher.fill_next_token_bitmask(mask, i)
         return mask, rows
 
+    @property
+    def has_bound(self) -> bool:
+        """Whether any request in flight is constrained (else nothing to advance)."""
+        return bool(self._grammars)
+
     def advance(self, seq) -> str | None:
         """Feed the matcher `seq`'s new output tokens; "stop" when the grammar has ended,
         "error" when a token breaks it, else None."""

@@ -3,8 +3,10 @@ runner lays it out on the host, and the two calls of the seam."""
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 
@@ -56,13 +58,17 @@ class StepLayout:
         of length 1, first)."""
         num_decode = next((i for i, n in enumerate(lens) if n != 1), len(lens))
         assert all(n > 1 for n in lens[num_decode:]), "decode chunks must come first"
-        lens_t, starts_t = torch.tensor(lens), torch.tensor(starts)
+        lens_t, starts_t = _int_tensor(lens), _int_tensor(starts)
+        block_tables = _padded(tables)
+        if num_decode == len(lens):   # steady decode: one row per chunk, at its start
+            seq_idx = torch.arange(num_decode)
+            slots = block_tables[seq_idx, starts_t // block_size] * block_size + starts_t % block_size
+            return cls(lens_t, starts_t, torch.arange(num_decode), seq_idx, starts_t.clone(), block_tables,
+                       slots, num_decode)
         ends = lens_t.cumsum(0)
         offsets = ends - lens_t
         seq_idx = torch.repeat_interleave(torch.arange(len(lens)), lens_t)
         positions = torch.arange(int(ends[-1])) - offsets[seq_idx] + starts_t[seq_idx]      # [T]
-        width = max(map(len, tables))
-        block_tables = torch.tensor([t + [0] * (width - len(t)) for t in tables])
         slots = block_tables[seq_idx, positions // block_size] * block_size + positions % block_size
         return cls(lens_t, starts_t, offsets, seq_idx, positions, block_tables, slots, num_decode)
 
@@ -78,6 +84,20 @@ class StepLayout:
     def context_lens(self) -> torch.Tensor:
         """[B] tokens each chunk's sequence has in the cache after this step."""
         return self.starts + self.lens
+
+
+def _int_tensor(values: list[int]) -> torch.Tensor:
+    """int64 [N] from a list (through numpy: torch.tensor walks a list several times slower)."""
+    return torch.from_numpy(np.array(values, dtype=np.int64))
+
+
+def _padded(tables: list[list[int]]) -> torch.Tensor:
+    """[B, W] int64, each row a table padded with block 0 to the longest."""
+    lens = np.fromiter(map(len, tables), np.int64, len(tables))
+    flat = np.fromiter(itertools.chain.from_iterable(tables), np.int64, int(lens.sum()))
+    out = np.zeros((len(tables), int(lens.max())), np.int64)
+    out[np.arange(out.shape[1]) < lens[:, None]] = flat
+    return torch.from_numpy(out)
 
 
 class AttentionBackend:
