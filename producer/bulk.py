@@ -222,8 +222,14 @@ def run_bulk(input_path: str, out_path: str, *, redis_url: str, max_in_flight: i
     if max_in_flight < 1:
         raise ValueError("max_in_flight: must be >= 1")
     total = count_lines(input_path)
+    client = Client(redis_url, stream=stream)
+    try:
+        client.redis.ping()   # before the output file exists: an unreachable Redis leaves no empty file
+    except REDIS_DOWN:
+        client.close()
+        raise
     out = OutputFile(out_path, total)
-    run = _Run(Client(redis_url, stream=stream), out, max_in_flight)
+    run = _Run(client, out, max_in_flight)
     run.summary = Summary(total, out.outcomes, resumed=out.num_done)
     bar = Progress(total, sys.stderr if (progress if progress is not None else sys.stderr.isatty()) else None,
                    on_progress)

@@ -103,13 +103,17 @@ class EventReader:
         return len(self.finished) >= self.num_samples
 
 
+CONNECT_TIMEOUT_S = 5.0
+
+
 class Client:
     """Synchronous client. `Client(redis_url, stream="pravaha:requests")`."""
 
     def __init__(self, redis_url: str = "redis://127.0.0.1:6379/0", stream: str = DEFAULT_STREAM, *,
                  group: str = DEFAULT_GROUP, prefix: str = DEFAULT_PREFIX,
                  max_backlog: int = DEFAULT_MAX_BACKLOG, connection: redis.Redis | None = None):
-        self.redis = connection or redis.Redis.from_url(redis_url)
+        # A bounded connect: an unreachable Redis fails within seconds instead of a TCP timeout.
+        self.redis = connection or redis.Redis.from_url(redis_url, socket_connect_timeout=CONNECT_TIMEOUT_S)
         self.names = Names(stream, group, prefix)
         self.max_backlog = max_backlog
         self._submit = self.redis.register_script(SUBMIT_SCRIPT)

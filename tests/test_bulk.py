@@ -648,3 +648,21 @@ def test_peak_rss_flat_in_file_size(cluster, tmp_path):
     print(f"[bulk] memory: peak RSS growth from 20k to 80k lines: {growth_kb / 1024:+.1f} MiB "
           f"({100 * growth_kb / figures[20_000]:+.1f}%)")
     assert growth_kb < 10 * 1024 and growth_kb < 0.15 * figures[20_000], figures
+
+
+@pytest.mark.parametrize("command", ["bulk", "submit"])
+def test_unreachable_redis_is_one_clear_line_and_no_output_file(command, tmp_path):
+    """Issue 22: against a Redis that refuses connections, `pravaha bulk --redis-url` and `pravaha
+    submit` print one error line within seconds, exit 2, and bulk leaves no empty output file."""
+    src, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
+    src.write_text(json.dumps({"custom_id": "a", "method": "POST", "url": "/v1/completions",
+                               "body": {"model": "m", "prompt": "hi"}}) + "\n")
+    args = ([command, str(src), "--out", str(out)] if command == "bulk" else [command, "hi"])
+    started = time.monotonic()
+    proc = subprocess.run([sys.executable, "-m", "worker.cli", *args, "--redis-url", "redis://127.0.0.1:1/0"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2, proc.stderr
+    assert time.monotonic() - started < 30
+    lines = proc.stderr.strip().splitlines()
+    assert lines == [lines[-1]] and lines[-1].startswith("pravaha: error: cannot use Redis"), proc.stderr
+    assert "Traceback" not in proc.stderr and not out.exists()

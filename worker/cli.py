@@ -9,6 +9,8 @@ import os
 import sys
 from dataclasses import fields
 
+import redis
+
 
 # Modules that only `pip install "pravaha[worker]"` brings; the base install is the client.
 WORKER_EXTRA = ("torch", "transformers", "tokenizers", "safetensors", "huggingface_hub", "prometheus_client",
@@ -186,6 +188,9 @@ def main(argv: list[str] | None = None) -> int:
         return args.func(args)
     except ValueError as exc:
         print(f"pravaha: error: {exc}", file=sys.stderr)
+        return 2
+    except (redis.ConnectionError, redis.TimeoutError, redis.exceptions.InvalidResponse) as exc:
+        print(f"pravaha: error: cannot use Redis at the given URL: {exc}", file=sys.stderr)   # one line
         return 2
     except ModuleNotFoundError as exc:
         if exc.name not in WORKER_EXTRA:
