@@ -222,3 +222,23 @@ def test_worker_flag_and_env_take_json():
     assert config.speculative_config["num_speculative_tokens"] == 2
     with pytest.raises(ValueError, match="num_speculative_tokens"):
         EngineConfig(speculative_config={"method": "ngram", "num_speculative_tokens": 0})
+
+
+def test_spec_decode_counters_reach_prometheus(checkpoint):
+    """The worker's scrape-time collector exports the engine's speculation counters."""
+    from types import SimpleNamespace
+
+    from prometheus_client import CollectorRegistry, generate_latest
+
+    from worker.metrics import _EngineCollector
+
+    _, _, engine = _pair(checkpoint("llama"), SamplingParams(max_tokens=24, temperature=0.0),
+                         kv_cache_bytes=1 << 22, block_size=4)
+    registry = CollectorRegistry()
+    registry.register(_EngineCollector(SimpleNamespace(engine=engine)))
+    text = generate_latest(registry).decode()
+    values = {line.split()[0]: float(line.split()[1]) for line in text.splitlines() if line.startswith("pravaha_spec")}
+    s = engine.stats
+    assert values["pravaha_spec_decode_draft_tokens_total"] == s.num_spec_draft_tokens > 0
+    assert values["pravaha_spec_decode_accepted_tokens_total"] == s.num_spec_accepted_tokens > 0
+    assert values["pravaha_spec_decode_mean_acceptance_length"] == 1 + s.num_spec_accepted_tokens / s.num_spec_steps

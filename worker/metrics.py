@@ -76,6 +76,14 @@ class _EngineCollector:
                                   grammars.num_cache_hits)
         yield CounterMetricFamily("pravaha_grammar_compile_seconds", "Time compiling grammars (off the step loop)",
                                   grammars.compile_time_s)
+        stats = engine.stats   # speculative decoding (zero when it is off)
+        yield CounterMetricFamily("pravaha_spec_decode_draft_tokens", "Draft tokens proposed",
+                                  stats.num_spec_draft_tokens)
+        yield CounterMetricFamily("pravaha_spec_decode_accepted_tokens", "Draft tokens accepted",
+                                  stats.num_spec_accepted_tokens)
+        yield GaugeMetricFamily("pravaha_spec_decode_mean_acceptance_length",
+                                "Tokens emitted per speculative verification (accepted drafts + 1)",
+                                1 + stats.num_spec_accepted_tokens / max(1, stats.num_spec_steps))
 
 
 class HealthServer:
