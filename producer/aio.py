@@ -11,8 +11,8 @@ import redis.asyncio as aioredis
 
 from pravaha_core.sampling_params import SamplingParams
 
-from .client import (CANCEL_TTL_S, DEFAULT_MAX_BACKLOG, POLL_S, SUBMIT_SCRIPT, EventReader, QueueFull,
-                     build_job, result_as_events, wait_budget)
+from .client import (CANCEL_TTL_S, DEFAULT_MAX_BACKLOG, POLL_S, SUBMIT_RETRY_S, SUBMIT_SCRIPT, Backoff,
+                     EventReader, QueueFull, build_job, result_as_events, submit_delay, wait_budget)
 from .names import DEFAULT_GROUP, DEFAULT_PREFIX, DEFAULT_STREAM, Names, check_request_id
 from .wire import Result, TokenEvent, decode, encode
 
@@ -36,7 +36,11 @@ class _Wakeups:
             self.pubsub = self.redis.pubsub(ignore_subscribe_messages=True)
         if channel not in self.waiters:
             self.waiters[channel] = set()
-            await self.pubsub.subscribe(channel)
+            try:
+                await self.pubsub.subscribe(channel)
+            except BaseException:
+                del self.waiters[channel]   # the caller retries the whole registration
+                raise
         self.waiters[channel].add(event)
         if self.task is None or self.task.done():
             self.task = asyncio.create_task(self._dispatch())
@@ -88,13 +92,15 @@ class AsyncClient:
 
     def __init__(self, redis_url: str = "redis://127.0.0.1:6379/0", stream: str = DEFAULT_STREAM, *,
                  group: str = DEFAULT_GROUP, prefix: str = DEFAULT_PREFIX,
-                 max_backlog: int = DEFAULT_MAX_BACKLOG, connection: aioredis.Redis | None = None):
+                 max_backlog: int = DEFAULT_MAX_BACKLOG, connection: aioredis.Redis | None = None,
+                 submit_retry_s: float = SUBMIT_RETRY_S):
         # A blocking pool: with hundreds of concurrent calls, commands wait for a connection
         # instead of failing; waiting on channels shares one pub/sub connection (_Wakeups).
         self.redis = connection or aioredis.Redis(connection_pool=aioredis.BlockingConnectionPool.from_url(
             redis_url, max_connections=MAX_CONNECTIONS, timeout=None))
         self.names = Names(stream, group, prefix)
         self.max_backlog = max_backlog
+        self.submit_retry_s = submit_retry_s
         self._submit = self.redis.register_script(SUBMIT_SCRIPT)
         self._wakeups = _Wakeups(self.redis)
 
@@ -102,30 +108,43 @@ class AsyncClient:
                      request_id: str | None = None, priority: int = 0, deadline_s: float | None = None,
                      messages: list[dict] | None = None) -> str:
         job = build_job(prompt, params, request_id, priority, deadline_s, messages)
-        if await self._submit(keys=[self.names.stream], args=[self.max_backlog, encode(job)]) is None:
+        backoff = Backoff(time.monotonic() + self.submit_retry_s, f"submit {job.request_id!r}")
+        while True:
+            try:
+                entry_id = await self._submit(keys=[self.names.stream], args=[self.max_backlog, encode(job)])
+                break
+            except REDIS_DOWN as exc:
+                await asyncio.sleep(submit_delay(backoff, exc, self.submit_retry_s))
+        if entry_id is None:
             raise QueueFull(f"{self.names.stream} holds {self.max_backlog} unprocessed jobs (max_backlog)")
         return job.request_id
 
     async def stream(self, request_id: str, timeout: float | None = None) -> AsyncIterator[TokenEvent]:
         """Token events from the first one, whenever called; ends after the last sample finishes."""
         deadline = None if timeout is None else time.monotonic() + timeout
-        reader = EventReader()
+        reader = EventReader()   # keeps the last entry id read: a retry resumes after it
+        backoff = Backoff(deadline, f"request {request_id!r}")
         channel = self.names.channel(request_id)
-        wakeup = await self._wakeups.register(channel)
+        wakeup = await self._register(channel, backoff)
         try:
             while True:
                 wakeup.clear()
-                entries = await self.redis.xrange(self.names.events(request_id), reader.range_start(), "+")
-                for event in reader.take(entries):
+                try:
+                    entries = await self.redis.xrange(self.names.events(request_id), reader.range_start(), "+")
+                    events = reader.take(entries)
+                    fallback = not entries and reader.last_id == "-" and await self._get_result(request_id)
+                except REDIS_DOWN as exc:
+                    await asyncio.sleep(backoff.next_delay(exc))
+                    continue
+                backoff.reset()
+                for event in events:
                     yield event
                 if reader.done:
                     return
-                if not entries and reader.last_id == "-":
-                    result = await self._get_result(request_id)
-                    if result is not None:
-                        for event in result_as_events(result):
-                            yield event
-                        return
+                if fallback:   # the record expired, the result is still here
+                    for event in result_as_events(fallback):
+                        yield event
+                    return
                 await _wait(wakeup, deadline, request_id)
         finally:
             await self._wakeups.unregister(channel, wakeup)
@@ -133,17 +152,31 @@ class AsyncClient:
     async def result(self, request_id: str, timeout: float | None = None) -> Result:
         """Wait for the final result (TimeoutError after `timeout` seconds)."""
         deadline = None if timeout is None else time.monotonic() + timeout
+        backoff = Backoff(deadline, f"request {request_id!r}")
         channel = self.names.channel(request_id)
-        wakeup = await self._wakeups.register(channel)
+        wakeup = await self._register(channel, backoff)
         try:
             while True:
                 wakeup.clear()
-                result = await self._get_result(request_id)
+                try:
+                    result = await self._get_result(request_id)
+                except REDIS_DOWN as exc:
+                    await asyncio.sleep(backoff.next_delay(exc))
+                    continue
                 if result is not None:
                     return result
+                backoff.reset()
                 await _wait(wakeup, deadline, request_id)
         finally:
             await self._wakeups.unregister(channel, wakeup)
+
+    async def _register(self, channel: str, backoff: Backoff) -> asyncio.Event:
+        """Subscribe for wake-ups, retrying through a Redis blip until the deadline."""
+        while True:
+            try:
+                return await self._wakeups.register(channel)
+            except REDIS_DOWN as exc:
+                await asyncio.sleep(backoff.next_delay(exc))
 
     async def generate(self, prompt: str | list[int], params: SamplingParams | dict | None = None,
                        timeout: float | None = None, **submit_kwargs: Any) -> Result:

@@ -18,6 +18,9 @@ from .wire import Completion, Job, Result, TokenEvent, Usage, decode, encode
 DEFAULT_MAX_BACKLOG = 100_000
 CANCEL_TTL_S = 24 * 3600
 POLL_S = 1.0   # safety poll while waiting for a pub/sub wake-up
+SUBMIT_RETRY_S = 5.0   # submit() rides out a Redis restart this long, then raises
+# A restart, failover or CLIENT KILL: waits retry with capped backoff until their own timeout.
+REDIS_BLIPS = (redis.ConnectionError, redis.TimeoutError)   # BusyLoadingError is a ConnectionError
 
 # Atomically: refuse when the backlog (entries not yet acknowledged and deleted) is at the
 # limit, else append. Nothing is ever trimmed.
@@ -72,6 +75,28 @@ def result_as_events(result: Result) -> list[TokenEvent]:
             for c in result.completions]
 
 
+class Backoff:
+    """Sleeps between retries after a Redis blip: 0.05 s doubling up to 1 s, never past the deadline."""
+
+    FIRST_S, MAX_S = 0.05, 1.0
+
+    def __init__(self, deadline: float | None, what: str):
+        self.deadline, self.what = deadline, what
+        self.delay = self.FIRST_S
+
+    def next_delay(self, exc: Exception) -> float:
+        """Seconds to sleep before the next try; raises once the deadline has passed."""
+        left = None if self.deadline is None else self.deadline - time.monotonic()
+        if left is not None and left <= 0:
+            raise TimeoutError(f"{self.what}: Redis unreachable until the timeout ({exc})") from exc
+        delay = self.delay if left is None else min(self.delay, left)
+        self.delay = min(self.delay * 2, self.MAX_S)
+        return delay
+
+    def reset(self) -> None:
+        self.delay = self.FIRST_S
+
+
 class EventReader:
     """Reads a request's event record in order, from the first event, deduplicated."""
 
@@ -111,11 +136,13 @@ class Client:
 
     def __init__(self, redis_url: str = "redis://127.0.0.1:6379/0", stream: str = DEFAULT_STREAM, *,
                  group: str = DEFAULT_GROUP, prefix: str = DEFAULT_PREFIX,
-                 max_backlog: int = DEFAULT_MAX_BACKLOG, connection: redis.Redis | None = None):
+                 max_backlog: int = DEFAULT_MAX_BACKLOG, connection: redis.Redis | None = None,
+                 submit_retry_s: float = SUBMIT_RETRY_S):
         # A bounded connect: an unreachable Redis fails within seconds instead of a TCP timeout.
         self.redis = connection or redis.Redis.from_url(redis_url, socket_connect_timeout=CONNECT_TIMEOUT_S)
         self.names = Names(stream, group, prefix)
         self.max_backlog = max_backlog
+        self.submit_retry_s = submit_retry_s
         self._submit = self.redis.register_script(SUBMIT_SCRIPT)
 
     def submit(self, prompt: str | list[int] | None, params: SamplingParams | dict | None = None, *,
@@ -124,42 +151,66 @@ class Client:
         """Enqueue one job; returns its request id. Raises QueueFull past the backlog limit.
         For chat, pass `prompt=None, messages=[...]`: the worker applies the model's template."""
         job = build_job(prompt, params, request_id, priority, deadline_s, messages)
-        if self._submit(keys=[self.names.stream], args=[self.max_backlog, encode(job)]) is None:
+        backoff = Backoff(time.monotonic() + self.submit_retry_s, f"submit {job.request_id!r}")
+        while True:
+            try:   # a retried XADD after a lost reply may enqueue twice; workers drop duplicate ids
+                entry_id = self._submit(keys=[self.names.stream], args=[self.max_backlog, encode(job)])
+                break
+            except REDIS_BLIPS as exc:
+                time.sleep(submit_delay(backoff, exc, self.submit_retry_s))
+        if entry_id is None:
             raise QueueFull(f"{self.names.stream} holds {self.max_backlog} unprocessed jobs (max_backlog)")
         return job.request_id
 
     def stream(self, request_id: str, timeout: float | None = None) -> Iterator[TokenEvent]:
         """Token events from the first one, whenever called; ends after the last sample finishes."""
         deadline = None if timeout is None else time.monotonic() + timeout
-        reader = EventReader()
-        pubsub = self.redis.pubsub(ignore_subscribe_messages=True)
-        pubsub.subscribe(self.names.channel(request_id))
+        reader = EventReader()   # keeps the last entry id read: a retry resumes after it
+        backoff = Backoff(deadline, f"request {request_id!r}")
+        pubsub = None
         try:
             while True:
-                entries = self.redis.xrange(self.names.events(request_id), reader.range_start(), "+")
-                yield from reader.take(entries)
+                try:
+                    pubsub = pubsub or self._subscribe(request_id)
+                    entries = self.redis.xrange(self.names.events(request_id), reader.range_start(), "+")
+                    events = reader.take(entries)
+                    fallback = not entries and reader.last_id == "-" and self._get_result(request_id)
+                except REDIS_BLIPS as exc:
+                    pubsub = close_quietly(pubsub)
+                    time.sleep(backoff.next_delay(exc))
+                    continue
+                backoff.reset()
+                yield from events
                 if reader.done:
                     return
-                if not entries and reader.last_id == "-":
-                    result = self._get_result(request_id)
-                    if result is not None:   # the record expired, the result is still here
-                        yield from result_as_events(result)
-                        return
-                pubsub.get_message(timeout=wait_budget(deadline, request_id))
+                if fallback:   # the record expired, the result is still here
+                    yield from result_as_events(fallback)
+                    return
+                try:
+                    pubsub.get_message(timeout=wait_budget(deadline, request_id))
+                except REDIS_BLIPS:
+                    pubsub = close_quietly(pubsub)   # the next read retries with backoff
         finally:
-            pubsub.close()
+            close_quietly(pubsub)
 
     def result(self, request_id: str, timeout: float | None = None) -> Result:
         """Wait for the final result (TimeoutError after `timeout` seconds)."""
         deadline = None if timeout is None else time.monotonic() + timeout
-        pubsub = self.redis.pubsub(ignore_subscribe_messages=True)
-        pubsub.subscribe(self.names.channel(request_id))
+        backoff = Backoff(deadline, f"request {request_id!r}")
+        pubsub = None
         try:
-            while (result := self._get_result(request_id)) is None:
-                pubsub.get_message(timeout=wait_budget(deadline, request_id))
-            return result
+            while True:
+                try:
+                    pubsub = pubsub or self._subscribe(request_id)
+                    if (result := self._get_result(request_id)) is not None:
+                        return result
+                    backoff.reset()
+                    pubsub.get_message(timeout=wait_budget(deadline, request_id))
+                except REDIS_BLIPS as exc:
+                    pubsub = close_quietly(pubsub)
+                    time.sleep(backoff.next_delay(exc))
         finally:
-            pubsub.close()
+            close_quietly(pubsub)
 
     def generate(self, prompt: str | list[int], params: SamplingParams | dict | None = None,
                  timeout: float | None = None, **submit_kwargs: Any) -> Result:
@@ -181,9 +232,35 @@ class Client:
     def close(self) -> None:
         self.redis.close()
 
+    def _subscribe(self, request_id: str) -> redis.client.PubSub:
+        pubsub = self.redis.pubsub(ignore_subscribe_messages=True)
+        try:
+            pubsub.subscribe(self.names.channel(request_id))
+        except BaseException:
+            pubsub.close()
+            raise
+        return pubsub
+
     def _get_result(self, request_id: str) -> Result | None:
         data = self.redis.get(self.names.result(request_id))
         return None if data is None else decode(data, Result)
+
+
+def close_quietly(pubsub) -> None:
+    """Close a pub/sub connection that may already be dead; returns None to clear the caller's."""
+    if pubsub is not None:
+        try:
+            pubsub.close()
+        except REDIS_BLIPS:
+            pass
+
+
+def submit_delay(backoff: Backoff, exc: Exception, retry_s: float) -> float:
+    """The next backoff of a submit; a clear ConnectionError once its retry time is spent."""
+    try:
+        return backoff.next_delay(exc)
+    except TimeoutError:
+        raise redis.ConnectionError(f"Redis unreachable for {retry_s:g} s, job not submitted: {exc}") from exc
 
 
 def wait_budget(deadline: float | None, request_id: str) -> float:
