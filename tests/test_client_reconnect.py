@@ -16,17 +16,15 @@ from producer import Client
 from producer.aio import AsyncClient
 from producer.names import Names
 from producer.wire import Completion, Result, TokenEvent, Usage, encode
-from tests.redis_helpers import RedisServer, require_redis
+from tests.redis_helpers import RedisServer
 
 NUM_EVENTS = 6
 
 
 @pytest.fixture
-def aof_server(tmp_path):
-    require_redis()
-    server = RedisServer(str(tmp_path), appendonly=True).start()
-    yield server
-    server.kill()
+def aof_server(aof_redis_server):
+    """conftest's AOF redis-server (data survives the restarts below)."""
+    return aof_redis_server
 
 
 def write_result(r, rid: str) -> None:
@@ -78,6 +76,13 @@ def feed_events(server: RedisServer, rid: str, blip) -> None:
         write_event(r, rid, i)
 
 
+def restart_then_write_result(server, rid: str) -> None:
+    """While a client waits on `rid`: a 1 s outage, then the result is written after the restart."""
+    time.sleep(0.3)
+    restart(server, 1.0)
+    write_result(server.client(), rid)
+
+
 def in_background(fn, *args) -> threading.Thread:
     thread = threading.Thread(target=fn, args=args, daemon=True)
     thread.start()
@@ -86,13 +91,7 @@ def in_background(fn, *args) -> threading.Thread:
 
 def test_result_survives_server_restart(aof_server):
     client = Client(aof_server.url)
-
-    def outage():
-        time.sleep(0.3)
-        restart(aof_server, 1.0)
-        write_result(aof_server.client(), "r1")
-
-    thread = in_background(outage)
+    thread = in_background(restart_then_write_result, aof_server, "r1")
     result = client.result("r1", timeout=10)
     thread.join()
     assert result.token_ids == [5, 6] and result.text == "ab"
@@ -138,13 +137,7 @@ def test_submit_retries_a_short_outage_then_raises(aof_server):
 def test_async_waits_survive_blips(aof_server):
     async def main():
         client = AsyncClient(aof_server.url)
-
-        def outage():
-            time.sleep(0.3)
-            restart(aof_server, 1.0)
-            write_result(aof_server.client(), "a1")
-
-        thread = in_background(outage)
+        thread = in_background(restart_then_write_result, aof_server, "a1")
         result = await client.result("a1", timeout=10)
         thread.join()
         assert result.token_ids == [5, 6]
